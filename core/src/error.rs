@@ -1,0 +1,191 @@
+//! One error type for everything a caller of `outbox.emit()` can get wrong, or that the server
+//! is not ready for. Each variant carries the SQLSTATE it is reported with; the extension maps
+//! [`SqlState`] onto pgrx's error codes in exactly one place (`src/error.rs`).
+
+use std::fmt;
+
+/// The SQLSTATE classes outbox_ext reports. Kept as our own enum so that this crate stays free
+/// of pgrx; `code()` gives the five-character SQLSTATE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlState {
+    /// 22004 null_value_not_allowed
+    NullValueNotAllowed,
+    /// 22023 invalid_parameter_value
+    InvalidParameterValue,
+    /// 54000 program_limit_exceeded
+    ProgramLimitExceeded,
+    /// 55000 object_not_in_prerequisite_state
+    ObjectNotInPrerequisiteState,
+}
+
+impl SqlState {
+    pub fn code(self) -> &'static str {
+        match self {
+            SqlState::NullValueNotAllowed => "22004",
+            SqlState::InvalidParameterValue => "22023",
+            SqlState::ProgramLimitExceeded => "54000",
+            SqlState::ObjectNotInPrerequisiteState => "55000",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboxError {
+    /// An argument of `outbox.emit()` was SQL NULL.
+    NullArgument { argument: &'static str },
+    /// aggregatetype, aggregateid or type was the empty string.
+    EmptyArgument { argument: &'static str },
+    /// The topic that `outbox.topic` makes of this aggregatetype is not a legal Kafka topic.
+    IllegalTopic { topic: String, reason: &'static str },
+    /// `headers` was not a JSON object whose values are all strings, or used a reserved name.
+    InvalidHeaders { reason: String },
+    /// The payload's JSON text is longer than `outbox.max_payload_bytes`.
+    PayloadTooLarge { size: usize, max: usize },
+    /// A text argument is longer than the wire format can carry.
+    ArgumentTooLong { argument: &'static str, size: usize },
+    /// The library was not loaded through `shared_preload_libraries`.
+    NotPreloaded,
+    /// `wal_level` is below `logical`.
+    WalLevelTooLow { current: String },
+    /// The relay's replication slot does not exist (yet), so nothing would read the event.
+    SlotMissing { slot: String },
+    /// The slot exists but belongs to another database than the caller's.
+    SlotInOtherDatabase { slot: String },
+    /// The slot was invalidated (WAL it needed was removed).
+    SlotInvalidated { slot: String },
+}
+
+impl OutboxError {
+    pub fn sqlstate(&self) -> SqlState {
+        use OutboxError::*;
+        match self {
+            NullArgument { .. } => SqlState::NullValueNotAllowed,
+            EmptyArgument { .. } | IllegalTopic { .. } | InvalidHeaders { .. } => {
+                SqlState::InvalidParameterValue
+            }
+            PayloadTooLarge { .. } | ArgumentTooLong { .. } => SqlState::ProgramLimitExceeded,
+            NotPreloaded
+            | WalLevelTooLow { .. }
+            | SlotMissing { .. }
+            | SlotInOtherDatabase { .. }
+            | SlotInvalidated { .. } => SqlState::ObjectNotInPrerequisiteState,
+        }
+    }
+
+    /// A hint telling the user what to do, where there is one.
+    pub fn hint(&self) -> Option<String> {
+        use OutboxError::*;
+        match self {
+            NotPreloaded => Some(
+                "Add outbox_ext to shared_preload_libraries in postgresql.conf and restart PostgreSQL."
+                    .into(),
+            ),
+            WalLevelTooLow { .. } => {
+                Some("Set wal_level = logical in postgresql.conf and restart PostgreSQL.".into())
+            }
+            SlotMissing { .. } => Some(
+                "The outbox_ext relay worker creates the slot when it starts; check outbox.status() \
+                 and the server log, and that outbox.database names this database."
+                    .into(),
+            ),
+            SlotInOtherDatabase { .. } => Some(
+                "Events can only be emitted in the database named by outbox.database.".into(),
+            ),
+            SlotInvalidated { .. } => Some(
+                "The slot lost WAL it needed; see outbox.status() and the README section on slot invalidation."
+                    .into(),
+            ),
+            PayloadTooLarge { .. } => {
+                Some("Raise outbox.max_payload_bytes (and the broker's message.max.bytes) or send a smaller payload.".into())
+            }
+            IllegalTopic { .. } => Some(
+                "Kafka topic names use only ASCII letters, digits, '.', '_' and '-', at most 249 characters."
+                    .into(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for OutboxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use OutboxError::*;
+        match self {
+            NullArgument { argument } => write!(f, "outbox.emit(): {argument} must not be NULL"),
+            EmptyArgument { argument } => write!(f, "outbox.emit(): {argument} must not be empty"),
+            IllegalTopic { topic, reason } => {
+                write!(f, "outbox.emit(): topic \"{}\" is not a legal Kafka topic name: {reason}", truncate_for_message(topic))
+            }
+            InvalidHeaders { reason } => write!(f, "outbox.emit(): invalid headers: {reason}"),
+            PayloadTooLarge { size, max } => write!(
+                f,
+                "outbox.emit(): payload is {size} bytes, more than outbox.max_payload_bytes ({max})"
+            ),
+            ArgumentTooLong { argument, size } => {
+                write!(f, "outbox.emit(): {argument} is {size} bytes, which is too long")
+            }
+            NotPreloaded => write!(f, "outbox_ext must be loaded via shared_preload_libraries"),
+            WalLevelTooLow { current } => {
+                write!(f, "outbox_ext requires wal_level = logical (current setting: {current})")
+            }
+            SlotMissing { slot } => write!(
+                f,
+                "outbox_ext: replication slot \"{slot}\" does not exist, so no relay would read this event"
+            ),
+            SlotInOtherDatabase { slot } => write!(
+                f,
+                "outbox_ext: replication slot \"{slot}\" belongs to another database than this one"
+            ),
+            SlotInvalidated { slot } => {
+                write!(f, "outbox_ext: replication slot \"{slot}\" has been invalidated")
+            }
+        }
+    }
+}
+
+impl std::error::Error for OutboxError {}
+
+/// Keeps error messages readable when the offending value is huge.
+fn truncate_for_message(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_a_sqlstate_of_five_characters() {
+        let all = [
+            OutboxError::NullArgument { argument: "payload" },
+            OutboxError::EmptyArgument { argument: "aggregateid" },
+            OutboxError::IllegalTopic { topic: "a b".into(), reason: "x" },
+            OutboxError::InvalidHeaders { reason: "x".into() },
+            OutboxError::PayloadTooLarge { size: 2, max: 1 },
+            OutboxError::ArgumentTooLong { argument: "type", size: 1 },
+            OutboxError::NotPreloaded,
+            OutboxError::WalLevelTooLow { current: "replica".into() },
+            OutboxError::SlotMissing { slot: "s".into() },
+            OutboxError::SlotInOtherDatabase { slot: "s".into() },
+            OutboxError::SlotInvalidated { slot: "s".into() },
+        ];
+        for e in all {
+            assert_eq!(e.sqlstate().code().len(), 5, "{e}");
+            assert!(!e.to_string().is_empty());
+        }
+    }
+
+    #[test]
+    fn long_topic_is_truncated_in_the_message() {
+        let e = OutboxError::IllegalTopic { topic: "é".repeat(500), reason: "too long" };
+        assert!(e.to_string().len() < 300);
+    }
+}

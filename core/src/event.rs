@@ -1,0 +1,371 @@
+//! The outbox event: what `outbox.emit()` accepts, how it is checked, and its WAL wire format.
+//!
+//! An event travels through WAL as the body of one transactional logical-decoding message
+//! under the prefix [`MESSAGE_PREFIX`]. The body is a small length-prefixed binary record:
+//!
+//! ```text
+//! u8        format version (1)
+//! [u8; 16]  event id (UUIDv7)
+//! u32 LE    length of aggregatetype, then its UTF-8 bytes
+//! u32 LE    length of aggregateid,   then its UTF-8 bytes
+//! u32 LE    length of type,          then its UTF-8 bytes
+//! u32 LE    length of payload,       then the payload's JSON text
+//! u32 LE    number of headers, then for each: u32 LE key length, key, u32 LE value length, value
+//! ```
+//!
+//! [`decode`] borrows from the message body, so the relay never copies an event before
+//! handing it to librdkafka.
+
+use crate::error::OutboxError;
+use crate::routing;
+
+/// The logical-decoding message prefix that marks outbox_ext events in WAL.
+pub const MESSAGE_PREFIX: &str = "outbox_ext";
+
+/// Version byte at the start of every encoded event.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// Header names that outbox_ext sets itself on every Kafka record.
+pub const RESERVED_HEADERS: [&str; 3] = ["id", "type", "aggregatetype"];
+
+/// What the caller of `outbox.emit()` passed, with SQL NULL as `None`.
+#[derive(Debug, Clone, Copy)]
+pub struct EmitArgs<'a> {
+    pub aggregatetype: Option<&'a str>,
+    pub aggregateid: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+    /// The payload's JSON text (as jsonb prints it).
+    pub payload: Option<&'a str>,
+    /// The headers object's JSON text, or `None` for SQL NULL (no extra headers).
+    pub headers: Option<&'a str>,
+}
+
+/// Limits that come from configuration at emit time.
+#[derive(Debug, Clone, Copy)]
+pub struct EmitLimits<'a> {
+    pub max_payload_bytes: usize,
+    pub topic_template: &'a str,
+}
+
+/// An event that passed validation, ready to encode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidEvent<'a> {
+    pub aggregatetype: &'a str,
+    pub aggregateid: &'a str,
+    pub event_type: &'a str,
+    pub payload: &'a str,
+    pub headers: Vec<(String, String)>,
+}
+
+/// A decoded event, borrowing from the WAL message body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRef<'a> {
+    pub id: [u8; 16],
+    pub aggregatetype: &'a str,
+    pub aggregateid: &'a str,
+    pub event_type: &'a str,
+    pub payload: &'a str,
+    pub headers: Vec<(&'a str, &'a str)>,
+}
+
+/// Checks every argument of `outbox.emit()`. Nothing is written unless this returns `Ok`.
+pub fn validate<'a>(
+    args: EmitArgs<'a>,
+    limits: EmitLimits<'_>,
+) -> Result<ValidEvent<'a>, OutboxError> {
+    let aggregatetype = required("aggregatetype", args.aggregatetype)?;
+    let aggregateid = required("aggregateid", args.aggregateid)?;
+    let event_type = required("type", args.event_type)?;
+    let payload = args.payload.ok_or(OutboxError::NullArgument { argument: "payload" })?;
+
+    let topic = routing::topic_for(limits.topic_template, aggregatetype);
+    routing::check_topic(&topic)?;
+
+    if payload.len() > limits.max_payload_bytes {
+        return Err(OutboxError::PayloadTooLarge {
+            size: payload.len(),
+            max: limits.max_payload_bytes,
+        });
+    }
+    for (argument, value) in
+        [("aggregatetype", aggregatetype), ("aggregateid", aggregateid), ("type", event_type)]
+    {
+        if value.len() > u32::MAX as usize {
+            return Err(OutboxError::ArgumentTooLong { argument, size: value.len() });
+        }
+    }
+    let headers = match args.headers {
+        None => Vec::new(),
+        Some(json) => parse_headers(json)?,
+    };
+    Ok(ValidEvent { aggregatetype, aggregateid, event_type, payload, headers })
+}
+
+fn required<'a>(argument: &'static str, value: Option<&'a str>) -> Result<&'a str, OutboxError> {
+    match value {
+        None => Err(OutboxError::NullArgument { argument }),
+        Some("") => Err(OutboxError::EmptyArgument { argument }),
+        Some(v) => Ok(v),
+    }
+}
+
+/// `headers` must be a JSON object whose values are strings; `null` (the JSON value) is
+/// treated like SQL NULL. Reserved names are refused so that a consumer can trust them.
+pub fn parse_headers(json: &str) -> Result<Vec<(String, String)>, OutboxError> {
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+        OutboxError::InvalidHeaders { reason: format!("not valid JSON ({e})") }
+    })?;
+    let object = match value {
+        serde_json::Value::Null => return Ok(Vec::new()),
+        serde_json::Value::Object(o) => o,
+        other => {
+            return Err(OutboxError::InvalidHeaders {
+                reason: format!("expected a JSON object of strings, got {}", json_kind(&other)),
+            })
+        }
+    };
+    let mut headers = Vec::with_capacity(object.len());
+    for (key, value) in object {
+        if RESERVED_HEADERS.contains(&key.as_str()) {
+            return Err(OutboxError::InvalidHeaders {
+                reason: format!("\"{key}\" is set by outbox_ext itself and cannot be overridden"),
+            });
+        }
+        match value {
+            serde_json::Value::String(s) => headers.push((key, s)),
+            other => {
+                return Err(OutboxError::InvalidHeaders {
+                    reason: format!(
+                        "the value of \"{key}\" must be a string, got {}",
+                        json_kind(&other)
+                    ),
+                })
+            }
+        }
+    }
+    Ok(headers)
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Encodes a validated event with its id into the WAL message body.
+pub fn encode(id: &[u8; 16], event: &ValidEvent<'_>) -> Vec<u8> {
+    let strings = [event.aggregatetype, event.aggregateid, event.event_type, event.payload];
+    let header_bytes: usize = event.headers.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
+    let size = 1 + 16 + strings.iter().map(|s| 4 + s.len()).sum::<usize>() + 4 + header_bytes;
+    let mut buf = Vec::with_capacity(size);
+    buf.push(FORMAT_VERSION);
+    buf.extend_from_slice(id);
+    for s in strings {
+        put_str(&mut buf, s);
+    }
+    buf.extend_from_slice(&(event.headers.len() as u32).to_le_bytes());
+    for (k, v) in &event.headers {
+        put_str(&mut buf, k);
+        put_str(&mut buf, v);
+    }
+    debug_assert_eq!(buf.len(), size);
+    buf
+}
+
+fn put_str(buf: &mut Vec<u8>, s: &str) {
+    buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    buf.extend_from_slice(s.as_bytes());
+}
+
+/// Why a message under our prefix could not be decoded. Only a message that did not come from
+/// `outbox.emit()` (for example one forged with `pg_logical_emit_message`) can fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    UnknownVersion(u8),
+    Truncated,
+    NotUtf8,
+    TrailingBytes,
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::UnknownVersion(v) => write!(f, "unknown event format version {v}"),
+            DecodeError::Truncated => write!(f, "event record is truncated"),
+            DecodeError::NotUtf8 => write!(f, "event record holds invalid UTF-8"),
+            DecodeError::TrailingBytes => write!(f, "event record has trailing bytes"),
+        }
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn str(&mut self) -> Result<&'a str, DecodeError> {
+        let n = self.u32()? as usize;
+        std::str::from_utf8(self.take(n)?).map_err(|_| DecodeError::NotUtf8)
+    }
+}
+
+/// Decodes a WAL message body made by [`encode`].
+pub fn decode(body: &[u8]) -> Result<EventRef<'_>, DecodeError> {
+    let mut r = Reader { buf: body };
+    let version = r.take(1)?[0];
+    if version != FORMAT_VERSION {
+        return Err(DecodeError::UnknownVersion(version));
+    }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(r.take(16)?);
+    let aggregatetype = r.str()?;
+    let aggregateid = r.str()?;
+    let event_type = r.str()?;
+    let payload = r.str()?;
+    let count = r.u32()? as usize;
+    // Each header needs at least 8 bytes, which bounds the allocation for forged counts.
+    if count > r.buf.len() / 8 {
+        return Err(DecodeError::Truncated);
+    }
+    let mut headers = Vec::with_capacity(count);
+    for _ in 0..count {
+        headers.push((r.str()?, r.str()?));
+    }
+    if !r.buf.is_empty() {
+        return Err(DecodeError::TrailingBytes);
+    }
+    Ok(EventRef { id, aggregatetype, aggregateid, event_type, payload, headers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: EmitLimits<'static> =
+        EmitLimits { max_payload_bytes: 1000, topic_template: "outbox.event.{aggregatetype}" };
+
+    fn args() -> EmitArgs<'static> {
+        EmitArgs {
+            aggregatetype: Some("order"),
+            aggregateid: Some("o-1"),
+            event_type: Some("OrderCreated"),
+            payload: Some(r#"{"a": 1}"#),
+            headers: None,
+        }
+    }
+
+    #[test]
+    fn valid_event_round_trips_through_the_wire_format() {
+        let a = EmitArgs { headers: Some(r#"{"traceparent": "00-ab", "x": "ü"}"#), ..args() };
+        let ev = validate(a, LIMITS).unwrap();
+        let id = [7u8; 16];
+        let body = encode(&id, &ev);
+        let back = decode(&body).unwrap();
+        assert_eq!(back.id, id);
+        assert_eq!(back.aggregatetype, "order");
+        assert_eq!(back.aggregateid, "o-1");
+        assert_eq!(back.event_type, "OrderCreated");
+        assert_eq!(back.payload, r#"{"a": 1}"#);
+        assert_eq!(back.headers, vec![("traceparent", "00-ab"), ("x", "ü")]);
+    }
+
+    #[test]
+    fn nulls_are_refused_with_22004() {
+        for (name, a) in [
+            ("aggregatetype", EmitArgs { aggregatetype: None, ..args() }),
+            ("aggregateid", EmitArgs { aggregateid: None, ..args() }),
+            ("type", EmitArgs { event_type: None, ..args() }),
+            ("payload", EmitArgs { payload: None, ..args() }),
+        ] {
+            let e = validate(a, LIMITS).unwrap_err();
+            assert_eq!(e, OutboxError::NullArgument { argument: name });
+            assert_eq!(e.sqlstate().code(), "22004");
+        }
+    }
+
+    #[test]
+    fn empty_strings_are_refused_with_22023() {
+        for a in [
+            EmitArgs { aggregatetype: Some(""), ..args() },
+            EmitArgs { aggregateid: Some(""), ..args() },
+            EmitArgs { event_type: Some(""), ..args() },
+        ] {
+            assert_eq!(validate(a, LIMITS).unwrap_err().sqlstate().code(), "22023");
+        }
+    }
+
+    #[test]
+    fn illegal_topics_are_refused() {
+        for t in ["a b", "ordér", "a/b", &"x".repeat(249)] {
+            let e = validate(EmitArgs { aggregatetype: Some(t), ..args() }, LIMITS).unwrap_err();
+            assert!(matches!(e, OutboxError::IllegalTopic { .. }), "{t}: {e:?}");
+        }
+        // 249 characters in all is still legal.
+        let ok = "x".repeat(249 - "outbox.event.".len());
+        assert!(validate(EmitArgs { aggregatetype: Some(&ok), ..args() }, LIMITS).is_ok());
+    }
+
+    #[test]
+    fn headers_must_be_an_object_of_strings() {
+        for h in ["[]", "1", r#""s""#, r#"{"a": 1}"#, r#"{"a": null}"#, r#"{"a": {"b": "c"}}"#, "true"] {
+            let e = validate(EmitArgs { headers: Some(h), ..args() }, LIMITS).unwrap_err();
+            assert!(matches!(e, OutboxError::InvalidHeaders { .. }), "{h}");
+            assert_eq!(e.sqlstate().code(), "22023");
+        }
+        for reserved in RESERVED_HEADERS {
+            let h = format!(r#"{{"{reserved}": "x"}}"#);
+            assert!(validate(EmitArgs { headers: Some(&h), ..args() }, LIMITS).is_err());
+        }
+        // JSON null and the empty object mean no extra headers.
+        assert!(validate(EmitArgs { headers: Some("null"), ..args() }, LIMITS).unwrap().headers.is_empty());
+        assert!(validate(EmitArgs { headers: Some("{}"), ..args() }, LIMITS).unwrap().headers.is_empty());
+    }
+
+    #[test]
+    fn payload_over_the_limit_is_refused_with_54000() {
+        let big = format!("\"{}\"", "x".repeat(999));
+        let e = validate(EmitArgs { payload: Some(&big), ..args() }, LIMITS).unwrap_err();
+        assert_eq!(e, OutboxError::PayloadTooLarge { size: 1001, max: 1000 });
+        assert_eq!(e.sqlstate().code(), "54000");
+        let fits = format!("\"{}\"", "x".repeat(998));
+        assert!(validate(EmitArgs { payload: Some(&fits), ..args() }, LIMITS).is_ok());
+    }
+
+    #[test]
+    fn decode_rejects_garbage_without_panicking() {
+        let ev = validate(args(), LIMITS).unwrap();
+        let body = encode(&[1; 16], &ev);
+        for cut in 0..body.len() {
+            assert!(decode(&body[..cut]).is_err(), "prefix of {cut} bytes decoded");
+        }
+        let mut extra = body.clone();
+        extra.push(0);
+        assert_eq!(decode(&extra), Err(DecodeError::TrailingBytes));
+        let mut version = body.clone();
+        version[0] = 9;
+        assert_eq!(decode(&version), Err(DecodeError::UnknownVersion(9)));
+        // A forged header count must not allocate gigabytes.
+        let mut forged = body[..body.len() - 4].to_vec();
+        forged.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode(&forged), Err(DecodeError::Truncated));
+    }
+}

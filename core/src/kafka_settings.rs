@@ -1,0 +1,177 @@
+//! The librdkafka producer configuration: defaults, then `outbox.kafka_properties`, then the
+//! settings outbox_ext's guarantees depend on.
+//!
+//! `outbox.kafka_properties` holds `key=value;key=value`. Its values may be secrets (SASL
+//! passwords, private keys), so no error or log line made here ever contains a value: errors
+//! name the key or the position only.
+
+use std::fmt;
+
+/// Producer settings that apply unless `outbox.kafka_properties` says otherwise.
+pub const DEFAULTS: &[(&str, &str)] = &[
+    ("client.id", "outbox_ext"),
+    // The Java client's partitioner, so that a key lands on the partition where a Java
+    // producer (Debezium, Kafka Connect) would put it.
+    ("partitioner", "murmur2_random"),
+    // Bound what librdkafka buffers, so that the relay's memory stays flat while it drains a
+    // backlog (librdkafka's default allows about 1 GB).
+    ("queue.buffering.max.kbytes", "65536"),
+    ("linger.ms", "5"),
+];
+
+/// Settings the relay's guarantees rest on; a user value that contradicts them is refused.
+pub const REQUIRED: &[(&str, &str)] = &[("enable.idempotence", "true")];
+
+/// Keys that the relay sets from other GUCs and that `outbox.kafka_properties` cannot set.
+pub const OWNED_ELSEWHERE: &[(&str, &str)] = &[("bootstrap.servers", "outbox.bootstrap_servers")];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettingsError {
+    /// Entry number `index` (1-based) has no `=`.
+    MissingEquals { index: usize },
+    /// An entry has an empty key.
+    EmptyKey { index: usize },
+    /// The key is set by another GUC.
+    OwnedElsewhere { key: String, guc: &'static str },
+    /// The key would weaken a guarantee.
+    Required { key: String, required: &'static str },
+    /// `acks` other than `all`/`-1`, which idempotence needs.
+    Acks,
+}
+
+impl fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SettingsError::MissingEquals { index } => {
+                write!(f, "outbox.kafka_properties: entry {index} is not of the form key=value")
+            }
+            SettingsError::EmptyKey { index } => {
+                write!(f, "outbox.kafka_properties: entry {index} has an empty key")
+            }
+            SettingsError::OwnedElsewhere { key, guc } => {
+                write!(f, "outbox.kafka_properties: \"{key}\" is set with {guc}, not here")
+            }
+            SettingsError::Required { key, required } => write!(
+                f,
+                "outbox.kafka_properties: \"{key}\" must stay \"{required}\"; outbox_ext's delivery guarantees depend on it"
+            ),
+            SettingsError::Acks => write!(
+                f,
+                "outbox.kafka_properties: \"acks\" must be \"all\" (the idempotent producer needs it)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SettingsError {}
+
+/// Parses `key=value;key=value`. Whitespace around keys and values is trimmed; empty entries
+/// (as left by a trailing `;`) are skipped.
+pub fn parse_properties(text: &str) -> Result<Vec<(String, String)>, SettingsError> {
+    let mut out = Vec::new();
+    for (i, entry) in text.split(';').enumerate() {
+        let index = i + 1;
+        if entry.trim().is_empty() {
+            continue;
+        }
+        let (key, value) = entry.split_once('=').ok_or(SettingsError::MissingEquals { index })?;
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(SettingsError::EmptyKey { index });
+        }
+        out.push((key.to_string(), value.trim().to_string()));
+    }
+    Ok(out)
+}
+
+/// The whole producer configuration, in the order it should be applied.
+pub fn producer_config(
+    bootstrap_servers: &str,
+    kafka_properties: &str,
+) -> Result<Vec<(String, String)>, SettingsError> {
+    let user = parse_properties(kafka_properties)?;
+    let mut config: Vec<(String, String)> =
+        DEFAULTS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    for (key, value) in user {
+        if let Some((_, guc)) = OWNED_ELSEWHERE.iter().find(|(k, _)| *k == key) {
+            return Err(SettingsError::OwnedElsewhere { key, guc });
+        }
+        if let Some((_, required)) = REQUIRED.iter().find(|(k, _)| *k == key) {
+            if !value.eq_ignore_ascii_case(required) {
+                return Err(SettingsError::Required { key, required });
+            }
+        }
+        if (key == "acks" || key == "request.required.acks")
+            && !(value.eq_ignore_ascii_case("all") || value == "-1")
+        {
+            return Err(SettingsError::Acks);
+        }
+        config.retain(|(k, _)| *k != key);
+        config.push((key, value));
+    }
+    config.push(("bootstrap.servers".into(), bootstrap_servers.to_string()));
+    for (k, v) in REQUIRED {
+        config.retain(|(key, _)| key != k);
+        config.push((k.to_string(), v.to_string()));
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get<'a>(c: &'a [(String, String)], k: &str) -> Option<&'a str> {
+        c.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn user_settings_override_defaults_and_required_ones_win() {
+        let c = producer_config(
+            "b1:9092,b2:9092",
+            " security.protocol = SASL_SSL ; sasl.password=s3cret ;linger.ms=0;",
+        )
+        .unwrap();
+        assert_eq!(get(&c, "bootstrap.servers"), Some("b1:9092,b2:9092"));
+        assert_eq!(get(&c, "security.protocol"), Some("SASL_SSL"));
+        assert_eq!(get(&c, "linger.ms"), Some("0"));
+        assert_eq!(get(&c, "enable.idempotence"), Some("true"));
+        assert_eq!(get(&c, "partitioner"), Some("murmur2_random"));
+        assert_eq!(c.iter().filter(|(k, _)| k == "linger.ms").count(), 1);
+    }
+
+    #[test]
+    fn errors_never_contain_values() {
+        let secret = "hunter2-very-secret";
+        for text in [
+            format!("sasl.password{secret}"),
+            format!("=x;sasl.password={secret};enable.idempotence=false"),
+            format!("sasl.password={secret};enable.idempotence=false"),
+            format!("sasl.password={secret};acks=1"),
+            format!("sasl.password={secret};bootstrap.servers=x"),
+        ] {
+            let e = producer_config("b:1", &text).unwrap_err();
+            assert!(!e.to_string().contains(secret), "{e}");
+            assert!(!format!("{e:?}").contains(secret), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn idempotence_and_acks_cannot_be_weakened() {
+        assert!(matches!(
+            producer_config("b:1", "enable.idempotence=false"),
+            Err(SettingsError::Required { .. })
+        ));
+        assert_eq!(producer_config("b:1", "acks=1"), Err(SettingsError::Acks));
+        assert!(producer_config("b:1", "acks=all;enable.idempotence=TRUE").is_ok());
+    }
+
+    #[test]
+    fn empty_properties_give_defaults() {
+        let c = producer_config("b:1", "").unwrap();
+        assert_eq!(get(&c, "queue.buffering.max.kbytes"), Some("65536"));
+        assert_eq!(parse_properties(" ; ;").unwrap(), vec![]);
+        assert_eq!(parse_properties("a"), Err(SettingsError::MissingEquals { index: 1 }));
+        assert_eq!(parse_properties("a=1;=2"), Err(SettingsError::EmptyKey { index: 2 }));
+    }
+}

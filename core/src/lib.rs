@@ -1,0 +1,20 @@
+//! The pure-Rust core of outbox_ext. Nothing here touches PostgreSQL or librdkafka, so every
+//! rule that matters (what a valid event is, how it is laid out in WAL, which Kafka record it
+//! becomes, how far the slot may be confirmed) is unit-tested with plain `cargo test`.
+//!
+//! The pipeline, and where each step lives:
+//!
+//! ```text
+//! emit ─▶ WAL ─▶ decode ─▶ route ─▶ produce ─▶ confirm
+//! event::validate     event::decode  routing   (extension)  tracker
+//! event::encode
+//! ```
+
+pub mod error;
+pub mod event;
+pub mod kafka_settings;
+pub mod routing;
+pub mod tracker;
+pub mod uuid7;
+
+pub use error::OutboxError;

@@ -1,0 +1,88 @@
+//! `outbox.emit()`: validate, encode, and write the event into the caller's transaction as a
+//! transactional logical-decoding message. It commits or rolls back with the caller, savepoints
+//! and two-phase commit included, because WAL decoding only ever replays committed
+//! (sub)transactions.
+
+use crate::error::{raise, OrRaise};
+use crate::ffi::{self, JsonbText, SlotCheck};
+use crate::{gucs, readiness};
+use outbox_core::event::{self, EmitArgs, EmitLimits};
+use outbox_core::uuid7::Uuid7Generator;
+use outbox_core::OutboxError;
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+thread_local! {
+    /// One id generator per backend, seeded from pg_strong_random on first use.
+    static IDS: RefCell<Option<Uuid7Generator>> = const { RefCell::new(None) };
+}
+
+fn next_id() -> [u8; 16] {
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    IDS.with(|ids| {
+        ids.borrow_mut()
+            .get_or_insert_with(|| Uuid7Generator::new(ffi::strong_random_u64()))
+            .generate(now_ms)
+    })
+}
+
+/// Records one event in the caller's transaction and returns its id (a UUIDv7).
+#[pg_extern(
+    name = "emit",
+    sql = r#"
+CREATE FUNCTION emit(
+    aggregatetype text,
+    aggregateid text,
+    "type" text,
+    payload jsonb,
+    headers jsonb DEFAULT NULL
+) RETURNS uuid
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'emit_wrapper';
+"#
+)]
+fn emit(
+    aggregatetype: Option<&str>,
+    aggregateid: Option<&str>,
+    event_type: Option<&str>,
+    payload: Option<JsonbText>,
+    headers: default!(Option<JsonbText>, "NULL"),
+) -> pgrx::Uuid {
+    readiness::check_ready().or_raise();
+    let topic_template = gucs::topic_template();
+    let args = EmitArgs {
+        aggregatetype,
+        aggregateid,
+        event_type,
+        payload: payload.as_ref().map(|p| p.0.as_str()),
+        headers: headers.as_ref().map(|h| h.0.as_str()),
+    };
+    let limits = EmitLimits {
+        max_payload_bytes: gucs::max_payload_bytes(),
+        topic_template: &topic_template,
+    };
+    let event = event::validate(args, limits).or_raise();
+
+    let slot = gucs::slot_name();
+    match ffi::check_slot(&slot) {
+        SlotCheck::Ready => {}
+        SlotCheck::Missing => raise(OutboxError::SlotMissing { slot }),
+        SlotCheck::OtherDatabase => raise(OutboxError::SlotInOtherDatabase { slot }),
+        SlotCheck::Invalidated => raise(OutboxError::SlotInvalidated { slot }),
+    }
+
+    let id = next_id();
+    ffi::log_event_message(&event::encode(&id, &event));
+    pgrx::Uuid::from_bytes(id)
+}
+
+pgrx::extension_sql!(
+    r#"
+REVOKE ALL ON FUNCTION emit(text, text, text, jsonb, jsonb) FROM PUBLIC;
+COMMENT ON FUNCTION emit(text, text, text, jsonb, jsonb) IS
+    'Records an event in the current transaction; the relay publishes it to Kafka once the transaction commits.';
+"#,
+    name = "emit_grants",
+    requires = [emit]
+);

@@ -1,0 +1,101 @@
+//! Every `outbox.*` setting: the statics Postgres writes, their registration, and typed
+//! getters. Nothing else in the extension reads a GUC directly.
+//!
+//! Getters must run on a Postgres thread (the backend's or the worker's main thread). The relay
+//! copies what it needs into [`crate::relay::RelaySettings`] before librdkafka sees any of it.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+static BOOTSTRAP_SERVERS_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+static DATABASE_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static SLOT_NAME_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"outbox_ext"));
+static TOPIC_GUC: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"outbox.event.{aggregatetype}"));
+static KAFKA_PROPERTIES_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+static MAX_PAYLOAD_BYTES_GUC: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
+
+/// Registers the settings and reserves the `outbox` prefix, so a typo such as
+/// `outbox.bootstrap_server` is reported instead of silently ignored.
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"outbox.bootstrap_servers",
+        c"Kafka bootstrap servers (host:port,host:port) the relay produces to.",
+        c"Empty means unconfigured: the relay waits and events stay in WAL.",
+        &BOOTSTRAP_SERVERS_GUC,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.database",
+        c"The database whose outbox the relay worker reads.",
+        c"outbox.emit() can only be used in this database.",
+        &DATABASE_GUC,
+        GucContext::Postmaster,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.slot_name",
+        c"The logical replication slot the relay worker owns.",
+        c"",
+        &SLOT_NAME_GUC,
+        GucContext::Postmaster,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.topic",
+        c"Kafka topic template; {aggregatetype} is replaced by the event's aggregatetype.",
+        c"",
+        &TOPIC_GUC,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.kafka_properties",
+        c"librdkafka producer properties as key=value;key=value (TLS, SASL, compression, linger).",
+        c"May hold secrets: only superusers can read it.",
+        &KAFKA_PROPERTIES_GUC,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.max_payload_bytes",
+        c"outbox.emit() rejects payloads whose JSON text is longer than this.",
+        c"The default matches librdkafka's default message.max.bytes.",
+        &MAX_PAYLOAD_BYTES_GUC,
+        1,
+        1_000_000_000,
+        GucContext::Suset,
+        GucFlags::UNIT_BYTE,
+    );
+    crate::ffi::reserve_guc_prefix("outbox");
+}
+
+fn string(setting: &GucSetting<Option<CString>>) -> String {
+    setting.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+pub fn bootstrap_servers() -> String {
+    string(&BOOTSTRAP_SERVERS_GUC).trim().to_string()
+}
+
+pub fn database() -> String {
+    string(&DATABASE_GUC)
+}
+
+pub fn slot_name() -> String {
+    string(&SLOT_NAME_GUC)
+}
+
+pub fn topic_template() -> String {
+    string(&TOPIC_GUC)
+}
+
+/// May contain secrets: never log or display it.
+pub fn kafka_properties() -> String {
+    string(&KAFKA_PROPERTIES_GUC)
+}
+
+pub fn max_payload_bytes() -> usize {
+    MAX_PAYLOAD_BYTES_GUC.get().max(1) as usize
+}

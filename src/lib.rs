@@ -1,0 +1,52 @@
+//! outbox_ext: a transactional outbox for PostgreSQL with an in-database relay to Kafka.
+//!
+//! The pipeline, file by file:
+//!
+//! ```text
+//! emit.rs ─▶ WAL ─▶ relay/decode.rs ─▶ core routing ─▶ relay/produce.rs ─▶ relay/worker.rs
+//! (emit)            (decode, route)                    (produce)           (confirm)
+//! ```
+//!
+//! The rules (validation, wire format, routing, what may be confirmed) live in the pure-Rust
+//! `outbox_core` crate; this crate is the Postgres and librdkafka glue around it. All `unsafe`
+//! code is in `ffi.rs`.
+
+mod emit;
+mod error;
+mod ffi;
+mod gucs;
+mod readiness;
+mod relay;
+mod status;
+
+::pgrx::pg_module_magic!(name, version);
+
+#[pgrx::pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    if ffi::loading_shared_preload_libraries() {
+        readiness::mark_preloaded();
+        status::init_shmem();
+        relay::register_worker();
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'outbox_ext'",
+            "wal_level = logical",
+            "max_prepared_transactions = 10",
+            "outbox.database = 'pgrx_tests'",
+        ]
+    }
+}

@@ -1,0 +1,57 @@
+//! Is this server set up for outbox_ext? Checked by `CREATE EXTENSION` and by every emit, so
+//! that a misconfigured server refuses events instead of writing WAL no relay will read.
+
+use crate::error::OrRaise;
+use crate::ffi;
+use outbox_core::OutboxError;
+use pgrx::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set by `_PG_init` when the postmaster preloads the library. Backends inherit it by fork.
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+pub fn mark_preloaded() {
+    PRELOADED.store(true, Ordering::Relaxed);
+}
+
+pub fn check_preloaded() -> Result<(), OutboxError> {
+    if PRELOADED.load(Ordering::Relaxed) {
+        Ok(())
+    } else {
+        Err(OutboxError::NotPreloaded)
+    }
+}
+
+/// The library is preloaded (so the relay runs) and WAL carries logical-decoding messages.
+pub fn check_ready() -> Result<(), OutboxError> {
+    check_preloaded()?;
+    if !ffi::wal_level_is_logical() {
+        return Err(OutboxError::WalLevelTooLow { current: ffi::wal_level_name().to_string() });
+    }
+    Ok(())
+}
+
+/// Run by `CREATE EXTENSION` (see the SQL below); raises if the server is not ready.
+#[pg_extern(name = "_assert_ready")]
+fn assert_ready() -> bool {
+    check_ready().or_raise();
+    if !ffi::database_is_utf8() {
+        pgrx::ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "outbox_ext requires a database with UTF8 encoding",
+            "Kafka keys, headers and values are UTF-8."
+        );
+    }
+    true
+}
+
+pgrx::extension_sql!(
+    r#"
+SELECT @extschema@._assert_ready();
+REVOKE ALL ON FUNCTION @extschema@._assert_ready() FROM PUBLIC;
+GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
+"#,
+    name = "assert_ready_at_create",
+    finalize
+);

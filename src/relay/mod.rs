@@ -1,0 +1,76 @@
+//! The relay: a background worker that decodes committed events from its replication slot,
+//! produces them to Kafka and confirms the slot only through what Kafka acknowledged.
+//!
+//! * `worker.rs`  — the loop, its states, signals, backoff and confirmation
+//! * `decode.rs`  — WAL message → event → Kafka record (the decoding sink)
+//! * `produce.rs` — the librdkafka producer and its delivery reports
+
+pub mod decode;
+pub mod produce;
+pub mod worker;
+
+use crate::gucs;
+use outbox_core::kafka_settings::{self, SettingsError};
+use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
+use std::time::Duration;
+
+/// How long the postmaster waits before starting the worker again after it exits with an
+/// error (or is terminated).
+pub const RESTART_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Registers the relay worker; called from `_PG_init` while preloading.
+pub fn register_worker() {
+    BackgroundWorkerBuilder::new("outbox_ext relay")
+        .set_type("outbox_ext relay")
+        .set_function("outbox_relay_main")
+        .set_library("outbox_ext")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(RESTART_INTERVAL))
+        .load();
+}
+
+/// The settings the relay runs with, copied out of the GUCs on the worker's main thread so
+/// that no other thread ever reads a GUC.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RelaySettings {
+    pub bootstrap_servers: String,
+    pub topic_template: String,
+    /// May hold secrets: never logged, never shown (see the Debug impl).
+    kafka_properties: String,
+}
+
+impl std::fmt::Debug for RelaySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelaySettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("topic_template", &self.topic_template)
+            .field("kafka_properties", &"<hidden>")
+            .finish()
+    }
+}
+
+impl RelaySettings {
+    pub fn read() -> RelaySettings {
+        RelaySettings {
+            bootstrap_servers: gucs::bootstrap_servers(),
+            topic_template: gucs::topic_template(),
+            kafka_properties: gucs::kafka_properties(),
+        }
+    }
+
+    pub fn configured(&self) -> bool {
+        !self.bootstrap_servers.is_empty()
+    }
+
+    /// The full producer configuration, or why it is invalid (without any value in it).
+    pub fn producer_config(&self) -> Result<Vec<(String, String)>, SettingsError> {
+        kafka_settings::producer_config(&self.bootstrap_servers, &self.kafka_properties)
+    }
+
+    /// True if a change from `other` to `self` needs a new producer.
+    pub fn kafka_changed(&self, other: &RelaySettings) -> bool {
+        self.bootstrap_servers != other.bootstrap_servers
+            || self.kafka_properties != other.kafka_properties
+    }
+}

@@ -1,0 +1,329 @@
+//! The relay worker: one loop that decodes, produces, collects acknowledgements and confirms.
+//!
+//! ```text
+//! starting ─▶ unconfigured ◀─▶ streaming ◀─▶ kafka_unavailable
+//!                  │               │
+//!                  └─ config_error ┘          (stopped when the worker is not running)
+//! ```
+//!
+//! Every Postgres call happens on this thread. On a failed delivery the worker *rewinds*: it
+//! drops the producer and the decoding context, waits with exponential backoff, and decodes
+//! again from the slot's confirmed position, which never passed an unacknowledged event.
+
+use super::decode::EventRouter;
+use super::produce::KafkaProducer;
+use super::RelaySettings;
+use crate::ffi::{self, DecodingSession};
+use crate::gucs;
+use crate::status::{RelayState, StatusWriter};
+use outbox_core::routing;
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Most records decoded before the loop looks at signals and acknowledgements again.
+const DECODE_BATCH: usize = 4096;
+/// How often the slot is confirmed while events flow.
+const CONFIRM_INTERVAL: Duration = Duration::from_millis(100);
+/// No acknowledgement for this long while events are in flight counts as Kafka unavailable.
+const ACK_STALL: Duration = Duration::from_secs(5);
+/// How long a client-level error (such as all brokers down) keeps the state unavailable.
+const BROKER_ERROR_MEMORY: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long SIGTERM waits for in-flight events to be acknowledged before exiting.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+
+static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+
+/// True once SIGTERM (or postmaster death) was seen. pgrx's flag is reset when read, so it
+/// is latched here.
+pub fn shutdown_requested() -> bool {
+    if BackgroundWorker::sigterm_received() {
+        SHUTDOWN.store(true, Ordering::Relaxed);
+    }
+    SHUTDOWN.load(Ordering::Relaxed)
+}
+
+/// Sleeps on the latch; returns false if the worker must stop.
+fn sleep(timeout: Duration) -> bool {
+    if !BackgroundWorker::wait_latch(Some(timeout.max(Duration::from_millis(1)))) {
+        SHUTDOWN.store(true, Ordering::Relaxed);
+    }
+    !shutdown_requested()
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn outbox_relay_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let mut status = StatusWriter::attach(ffi::my_pid());
+    let database = gucs::database();
+    let slot = gucs::slot_name();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    ffi::allow_own_output_plugin();
+    log!("outbox_ext relay started: database \"{database}\", slot \"{slot}\"");
+
+    if wait_for_slot(&slot, &mut status) {
+        ffi::acquire_slot(&slot);
+        Relay::new(status).run();
+    } else {
+        status.detach();
+    }
+    log!("outbox_ext relay stopped");
+    // Exit code 1: the postmaster starts the relay again after RESTART_INTERVAL, unless the
+    // server is shutting down.
+    ffi::exit_worker(1);
+}
+
+/// Slot names Postgres accepts: lower-case letters, digits and underscores, at most 63.
+fn valid_slot_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Creates the slot if missing and waits until no other process holds it. Returns false if
+/// the worker was asked to stop meanwhile.
+fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> bool {
+    if !valid_slot_name(slot) {
+        status.set_state(RelayState::SlotError);
+        status.set_error(&format!(
+            "outbox.slot_name \"{slot}\" is not a valid slot name (lower-case letters, digits and underscores)"
+        ));
+        while sleep(Duration::from_secs(60)) {}
+        return false;
+    }
+    loop {
+        if shutdown_requested() {
+            return false;
+        }
+        let plugin = BackgroundWorker::transaction(|| {
+            Spi::get_one::<String>(&format!(
+                "SELECT (SELECT plugin::text FROM pg_catalog.pg_replication_slots WHERE slot_name = '{slot}')"
+            ))
+        });
+        match plugin {
+            Ok(None) => {
+                log!("outbox_ext relay: creating logical replication slot \"{slot}\"");
+                ffi::create_slot(slot);
+                continue;
+            }
+            Ok(Some(p)) if p != "outbox_ext" => {
+                status.set_state(RelayState::SlotError);
+                status.set_error(&format!(
+                    "replication slot \"{slot}\" uses output plugin \"{p}\", not outbox_ext; drop it or set outbox.slot_name"
+                ));
+            }
+            Ok(Some(_)) => match ffi::slot_active_pid(slot) {
+                Some(pid) if pid != 0 => {
+                    status.set_state(RelayState::SlotError);
+                    status.set_error(&format!(
+                        "replication slot \"{slot}\" is in use by process {pid}"
+                    ));
+                }
+                _ => return true,
+            },
+            Err(e) => error!("outbox_ext: could not look up slot \"{slot}\": {e}"),
+        }
+        if !sleep(Duration::from_secs(1)) {
+            return false;
+        }
+    }
+}
+
+struct Relay {
+    status: StatusWriter,
+    settings: RelaySettings,
+    router: Option<EventRouter>,
+    session: Option<DecodingSession>,
+    backoff: Duration,
+    last_confirm: Instant,
+}
+
+impl Relay {
+    fn new(status: StatusWriter) -> Relay {
+        Relay {
+            status,
+            settings: RelaySettings::read(),
+            router: None,
+            session: None,
+            backoff: BACKOFF_MIN,
+            last_confirm: Instant::now(),
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            if shutdown_requested() {
+                self.shutdown();
+                return;
+            }
+            if BackgroundWorker::sighup_received() {
+                ffi::reload_config();
+                self.reload();
+            }
+            if !self.settings.configured() {
+                self.status.set_state(RelayState::Unconfigured);
+                sleep(Duration::from_secs(1));
+                continue;
+            }
+            if self.router.is_none() && !self.build_router() {
+                sleep(Duration::from_secs(1));
+                continue;
+            }
+            let session = self.session.get_or_insert_with(DecodingSession::start);
+            let router = self.router.as_mut().expect("built above");
+
+            let started = Instant::now();
+            let mut decoded = 0;
+            while decoded < DECODE_BATCH && !router.halted {
+                if !session.decode_next(router) {
+                    break;
+                }
+                decoded += 1;
+                if decoded % 256 == 0 {
+                    router.poll(Duration::ZERO);
+                    if started.elapsed() > Duration::from_millis(50) {
+                        break;
+                    }
+                }
+            }
+            router.poll(Duration::ZERO);
+
+            if router.halted {
+                self.rewind();
+                continue;
+            }
+            self.publish_progress();
+            let idle = decoded == 0;
+            if idle || self.last_confirm.elapsed() >= CONFIRM_INTERVAL {
+                self.confirm();
+            }
+            if idle {
+                let router = self.router.as_mut().expect("present");
+                if router.tracker.in_flight() > 0 {
+                    // Block on librdkafka's queue: returns as soon as a report arrives.
+                    router.poll(Duration::from_millis(1));
+                } else {
+                    sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
+    /// Picks up new settings after SIGHUP; a Kafka change rebuilds the producer, rewinding
+    /// to the confirmed position so nothing in flight is lost.
+    fn reload(&mut self) {
+        let new = RelaySettings::read();
+        if new == self.settings {
+            return;
+        }
+        log!("outbox_ext relay: configuration reloaded");
+        let rebuild = new.kafka_changed(&self.settings) || new.topic_template != self.settings.topic_template;
+        self.settings = new;
+        if rebuild {
+            self.drain(SHUTDOWN_FLUSH);
+            self.confirm();
+            self.router = None;
+            self.session = None;
+        }
+    }
+
+    fn build_router(&mut self) -> bool {
+        let probe = routing::topic_for(&self.settings.topic_template, "x");
+        if let Err(e) = routing::check_topic(&probe) {
+            self.status.set_state(RelayState::ConfigError);
+            self.status.set_error(&format!("outbox.topic: {e}"));
+            return false;
+        }
+        let config = match self.settings.producer_config() {
+            Ok(c) => c,
+            Err(e) => {
+                self.status.set_state(RelayState::ConfigError);
+                self.status.set_error(&e.to_string());
+                return false;
+            }
+        };
+        match KafkaProducer::new(&config) {
+            Ok(p) => {
+                self.router = Some(EventRouter::new(p, self.settings.topic_template.clone()));
+                self.status.set_state(RelayState::Streaming);
+                true
+            }
+            Err(e) => {
+                self.status.set_state(RelayState::ConfigError);
+                self.status.set_error(&e);
+                false
+            }
+        }
+    }
+
+    fn publish_progress(&mut self) {
+        let Some(router) = self.router.as_mut() else { return };
+        let delivered = router.take_delivered();
+        if delivered > 0 {
+            self.backoff = BACKOFF_MIN;
+        }
+        self.status.add_delivered(delivered);
+        let stalled = router.tracker.in_flight() > 0 && router.last_ack.elapsed() > ACK_STALL;
+        let broker_error = router.broker_trouble && router.last_ack.elapsed() < BROKER_ERROR_MEMORY;
+        if stalled || broker_error {
+            if self.status.state() != RelayState::KafkaUnavailable {
+                if let Some(e) = router.last_error.as_deref() {
+                    self.status.set_error(e);
+                }
+            }
+            self.status.set_state(RelayState::KafkaUnavailable);
+        } else {
+            router.broker_trouble = false;
+            self.status.set_state(RelayState::Streaming);
+        }
+    }
+
+    /// Moves the slot to the highest position whose events are all acknowledged.
+    fn confirm(&mut self) {
+        self.last_confirm = Instant::now();
+        if let (Some(session), Some(router)) = (self.session.as_mut(), self.router.as_ref()) {
+            let lsn = router.tracker.confirmable(session.decoded_upto());
+            session.confirm(lsn);
+        }
+    }
+
+    /// Serves librdkafka until nothing is in flight or `timeout` passed.
+    fn drain(&mut self, timeout: Duration) {
+        let Some(router) = self.router.as_mut() else { return };
+        let deadline = Instant::now() + timeout;
+        while router.tracker.in_flight() > 0 && Instant::now() < deadline {
+            router.poll(Duration::from_millis(10));
+        }
+        let delivered = router.take_delivered();
+        self.status.add_delivered(delivered);
+    }
+
+    /// After a failed delivery: keep what was acknowledged, drop the producer and the decoding
+    /// context, back off, and decode again from the confirmed position.
+    fn rewind(&mut self) {
+        let Some(router) = self.router.as_mut() else { return };
+        let error = router.last_error.clone().unwrap_or_else(|| "delivery failed".into());
+        warning!("outbox_ext relay: {error}; retrying from the last confirmed position in {:?}", self.backoff);
+        self.status.set_error(&error);
+        self.status.set_state(RelayState::KafkaUnavailable);
+        router.producer.purge();
+        self.drain(Duration::from_secs(2));
+        self.confirm();
+        self.router = None;
+        self.session = None;
+        sleep(self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    fn shutdown(&mut self) {
+        self.drain(SHUTDOWN_FLUSH);
+        self.confirm();
+        self.session = None;
+        self.router = None;
+        self.status.detach();
+    }
+}

@@ -1,0 +1,216 @@
+//! What the relay worker is doing, in shared memory, and `outbox.status()`.
+//!
+//! The worker is the only writer. Readers take the lock in shared mode for a copy. Nothing
+//! written here ever contains a setting's value, so the status is safe to show to any role.
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
+
+/// The relay's state, as `outbox.status()` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RelayState {
+    /// The worker is not running.
+    Stopped = 0,
+    /// Connecting to the database and opening the slot.
+    Starting = 1,
+    /// `outbox.bootstrap_servers` is empty: events wait in WAL.
+    Unconfigured = 2,
+    /// Decoding and producing; Kafka acknowledges.
+    Streaming = 3,
+    /// Kafka does not acknowledge (brokers down, produce errors): retrying with backoff.
+    KafkaUnavailable = 4,
+    /// The Kafka settings are invalid (see last_error); the worker waits for a reload.
+    ConfigError = 5,
+    /// The slot cannot be used: held by another process, or made by another plugin.
+    SlotError = 6,
+}
+
+impl RelayState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayState::Stopped => "stopped",
+            RelayState::Starting => "starting",
+            RelayState::Unconfigured => "unconfigured",
+            RelayState::Streaming => "streaming",
+            RelayState::KafkaUnavailable => "kafka_unavailable",
+            RelayState::ConfigError => "config_error",
+            RelayState::SlotError => "slot_error",
+        }
+    }
+
+    fn from_u8(v: u8) -> RelayState {
+        match v {
+            1 => RelayState::Starting,
+            2 => RelayState::Unconfigured,
+            3 => RelayState::Streaming,
+            4 => RelayState::KafkaUnavailable,
+            5 => RelayState::ConfigError,
+            6 => RelayState::SlotError,
+            _ => RelayState::Stopped,
+        }
+    }
+}
+
+const ERROR_CAPACITY: usize = 480;
+const NO_TIME: i64 = i64::MIN;
+
+#[derive(Clone, Copy)]
+pub struct RelayStatus {
+    worker_pid: i32,
+    state: u8,
+    events_delivered: u64,
+    last_error_len: u16,
+    last_error: [u8; ERROR_CAPACITY],
+    last_error_at: i64,
+    last_delivery_at: i64,
+}
+
+impl Default for RelayStatus {
+    fn default() -> Self {
+        RelayStatus {
+            worker_pid: 0,
+            state: RelayState::Stopped as u8,
+            events_delivered: 0,
+            last_error_len: 0,
+            last_error: [0; ERROR_CAPACITY],
+            last_error_at: NO_TIME,
+            last_delivery_at: NO_TIME,
+        }
+    }
+}
+
+// SAFETY: plain old data with no pointers; shared between processes under STATUS's LWLock.
+unsafe impl PGRXSharedMemory for RelayStatus {}
+
+static STATUS: PgLwLock<RelayStatus> = unsafe { PgLwLock::new(c"outbox_ext_status") };
+
+/// Reserves the shared memory; called from `_PG_init` while preloading.
+pub fn init_shmem() {
+    pg_shmem_init!(STATUS);
+}
+
+/// The worker's handle on the shared status. Keeps a local copy of the counters so that the
+/// lock is taken once per loop iteration, not per event.
+pub struct StatusWriter {
+    state: RelayState,
+}
+
+impl StatusWriter {
+    pub fn attach(pid: i32) -> StatusWriter {
+        let mut s = STATUS.exclusive();
+        s.worker_pid = pid;
+        s.state = RelayState::Starting as u8;
+        StatusWriter { state: RelayState::Starting }
+    }
+
+    pub fn state(&self) -> RelayState {
+        self.state
+    }
+
+    pub fn set_state(&mut self, state: RelayState) {
+        if state != self.state {
+            self.state = state;
+            STATUS.exclusive().state = state as u8;
+        }
+    }
+
+    /// Records an error for `outbox.status()`. Callers must not pass secrets.
+    pub fn set_error(&mut self, message: &str) {
+        let mut s = STATUS.exclusive();
+        let mut len = message.len().min(ERROR_CAPACITY);
+        while !message.is_char_boundary(len) {
+            len -= 1;
+        }
+        s.last_error[..len].copy_from_slice(&message.as_bytes()[..len]);
+        s.last_error_len = len as u16;
+        s.last_error_at = crate::ffi::now();
+    }
+
+    pub fn add_delivered(&mut self, events: u64) {
+        if events > 0 {
+            let mut s = STATUS.exclusive();
+            s.events_delivered += events;
+            s.last_delivery_at = crate::ffi::now();
+        }
+    }
+
+    pub fn detach(&mut self) {
+        let mut s = STATUS.exclusive();
+        s.worker_pid = 0;
+        s.state = RelayState::Stopped as u8;
+        self.state = RelayState::Stopped;
+    }
+}
+
+fn timestamp(v: i64) -> Option<TimestampWithTimeZone> {
+    if v == NO_TIME {
+        None
+    } else {
+        TimestampWithTimeZone::try_from(v).ok()
+    }
+}
+
+/// The worker's half of `outbox.status()`; the SQL function adds the slot's figures.
+#[pg_extern(name = "_relay_status", stable, parallel_safe)]
+fn relay_status() -> TableIterator<
+    'static,
+    (
+        name!(worker_pid, Option<i32>),
+        name!(state, String),
+        name!(events_delivered, i64),
+        name!(last_error, Option<String>),
+        name!(last_error_at, Option<TimestampWithTimeZone>),
+        name!(last_delivery_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    crate::error::OrRaise::or_raise(crate::readiness::check_preloaded());
+    let s = *STATUS.share();
+    let error = (s.last_error_len > 0)
+        .then(|| String::from_utf8_lossy(&s.last_error[..s.last_error_len as usize]).into_owned());
+    TableIterator::once((
+        (s.worker_pid != 0).then_some(s.worker_pid),
+        RelayState::from_u8(s.state).as_str().to_string(),
+        s.events_delivered as i64,
+        error,
+        timestamp(s.last_error_at),
+        timestamp(s.last_delivery_at),
+    ))
+}
+
+pgrx::extension_sql!(
+    r#"
+CREATE FUNCTION status(
+    OUT worker_pid int,
+    OUT state text,
+    OUT slot_name text,
+    OUT confirmed_lsn pg_lsn,
+    OUT pending_bytes bigint,
+    OUT events_delivered bigint,
+    OUT last_error text,
+    OUT last_error_at timestamptz,
+    OUT last_delivery_at timestamptz)
+RETURNS record
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r.worker_pid,
+           r.state,
+           current_setting('outbox.slot_name'),
+           s.confirmed_flush_lsn,
+           CASE WHEN s.confirmed_flush_lsn IS NOT NULL AND NOT pg_is_in_recovery()
+                THEN greatest(pg_wal_lsn_diff(pg_current_wal_flush_lsn(), s.confirmed_flush_lsn), 0)::bigint
+           END,
+           r.events_delivered,
+           r.last_error,
+           r.last_error_at,
+           r.last_delivery_at
+    FROM @extschema@._relay_status() r
+    LEFT JOIN pg_replication_slots s ON s.slot_name = current_setting('outbox.slot_name')
+$$;
+COMMENT ON FUNCTION status() IS
+    'The outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries and the last error.';
+"#,
+    name = "status_function",
+    requires = [relay_status]
+);

@@ -1,0 +1,232 @@
+//! A throw-away PostgreSQL cluster in a temporary directory, run as the `postgres` user when
+//! the tests run as root (Postgres refuses to run as root).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+/// Where Debian's PostgreSQL 15 server binaries live; override with OUTBOX_PG_BIN.
+fn pg_bin() -> PathBuf {
+    std::env::var_os("OUTBOX_PG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+/// Runs a server binary as the cluster's owner.
+fn as_owner(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn check(what: &str, out: Output) -> Output {
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+pub struct PgCluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub database: String,
+    stopped: bool,
+}
+
+impl PgCluster {
+    /// initdb, configure for outbox_ext (preloaded, wal_level=logical), start, and create the
+    /// extension in database `postgres`. `settings` are extra postgresql.conf lines.
+    pub fn start(settings: &[(&str, &str)]) -> PgCluster {
+        if NEXT_PORT.load(Ordering::Relaxed) == 0 {
+            let base = 20000 + (std::process::id() % 2000) as u16 * 10;
+            let _ = NEXT_PORT.compare_exchange(0, base, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("outbox-pg-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            check("chown", Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).output().unwrap());
+        }
+        let data = dir.join("data");
+        check(
+            "initdb",
+            as_owner(&pg_bin().join("initdb"))
+                .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "-D"])
+                .arg(&data)
+                .output()
+                .unwrap(),
+        );
+        let mut conf = format!(
+            "\nlisten_addresses = ''\nport = {port}\nunix_socket_directories = '{}'\n\
+             shared_preload_libraries = 'outbox_ext'\nwal_level = logical\n\
+             max_prepared_transactions = 10\nfsync = off\nmax_wal_senders = 4\nmax_replication_slots = 8\n\
+             log_line_prefix = '%m [%p] '\n",
+            dir.display()
+        );
+        for (k, v) in settings {
+            conf.push_str(&format!("{k} = '{v}'\n"));
+        }
+        let conf_path = data.join("postgresql.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).unwrap();
+        existing.push_str(&conf);
+        std::fs::write(&conf_path, existing).unwrap();
+        let cluster = PgCluster { dir, port, database: "postgres".into(), stopped: true };
+        let mut cluster = cluster;
+        cluster.pg_ctl_start();
+        cluster.sql("CREATE EXTENSION outbox_ext");
+        cluster
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    /// The server log so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pg_ctl_start(&mut self) {
+        check(
+            "pg_ctl start",
+            as_owner(&pg_bin().join("pg_ctl"))
+                .args(["-w", "-t", "60", "-D"])
+                .arg(self.data_dir())
+                .arg("-l")
+                .arg(self.log_path())
+                .arg("start")
+                .output()
+                .unwrap(),
+        );
+        self.stopped = false;
+    }
+
+    /// `mode` is smart, fast or immediate.
+    pub fn pg_ctl_stop(&mut self, mode: &str) {
+        check(
+            "pg_ctl stop",
+            as_owner(&pg_bin().join("pg_ctl"))
+                .args(["-w", "-t", "60", "-m", mode, "-D"])
+                .arg(self.data_dir())
+                .arg("stop")
+                .output()
+                .unwrap(),
+        );
+        self.stopped = true;
+    }
+
+    /// Runs SQL through psql; returns stdout (unaligned, tuples only) or stderr.
+    pub fn try_sql(&self, sql: &str) -> Result<String, String> {
+        let out = Command::new("psql")
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
+            .arg("-h")
+            .arg(&self.dir)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-d")
+            .arg(&self.database)
+            .env("PGOPTIONS", "-c client_min_messages=warning")
+            .arg("-c")
+            .arg(sql)
+            .output()
+            .expect("psql runs");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Runs SQL and panics (with the server log) on error.
+    pub fn sql(&self, sql: &str) -> String {
+        match self.try_sql(sql) {
+            Ok(s) => s,
+            Err(e) => panic!("SQL failed: {sql}\n{e}\n--- server log ---\n{}", self.log()),
+        }
+    }
+
+    /// Runs SQL expecting an error; returns `SQLSTATE: message` from psql's verbose output.
+    pub fn sql_error(&self, sql: &str) -> String {
+        let wrapped = format!("\\set VERBOSITY verbose\n{sql}");
+        let out = Command::new("psql")
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
+            .arg("-h")
+            .arg(&self.dir)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-d")
+            .arg(&self.database)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("psql runs");
+        use std::io::Write;
+        let mut child = out;
+        child.stdin.take().unwrap().write_all(wrapped.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "expected an error from: {sql}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        // "ERROR:  22004: message"
+        err.lines()
+            .find_map(|l| l.split_once("ERROR:  ").map(|(_, rest)| rest.to_string()))
+            .unwrap_or(err)
+    }
+
+    /// Changes a setting with ALTER SYSTEM and reloads.
+    pub fn set(&self, name: &str, value: &str) {
+        self.sql(&format!("ALTER SYSTEM SET {name} = '{value}'"));
+        self.sql("SELECT pg_reload_conf()");
+    }
+
+    /// One column of `outbox.status()`, as text ('' for NULL).
+    pub fn status(&self, column: &str) -> String {
+        self.sql(&format!("SELECT coalesce({column}::text, '') FROM outbox.status()"))
+    }
+
+    /// Waits until the relay reports `state`.
+    pub fn wait_for_state(&self, state: &str, timeout: Duration) {
+        crate::wait_until(&format!("relay state {state}"), timeout, || self.status("state") == state);
+    }
+
+    /// The relay worker's PID, if it runs.
+    pub fn worker_pid(&self) -> Option<i32> {
+        self.status("worker_pid").parse().ok()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = as_owner(&pg_bin().join("pg_ctl"))
+                .args(["-w", "-m", "immediate", "-D"])
+                .arg(self.data_dir())
+                .arg("stop")
+                .output();
+        }
+        if std::env::var_os("OUTBOX_KEEP_CLUSTERS").is_none() && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The Kafka side of the tests: librdkafka's mock cluster (real Kafka protocol on 127.0.0.1
+//! ports, reachable from the Postgres worker) and a consumer that collects records.
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+pub struct MockKafka {
+    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    pub bootstrap: String,
+}
+
+impl MockKafka {
+    /// A mock cluster of `brokers` brokers.
+    pub fn start(brokers: i32) -> MockKafka {
+        let cluster = MockCluster::new(brokers).expect("mock cluster starts");
+        let bootstrap = cluster.bootstrap_servers();
+        MockKafka { cluster, bootstrap }
+    }
+
+    /// Creates `topic` with `partitions` partitions, replicated on every broker.
+    pub fn create_topic(&self, topic: &str, partitions: i32) {
+        self.cluster.create_topic(topic, partitions, 1).expect("topic created");
+    }
+}
+
+/// One consumed record, with everything a test asserts on.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.value.as_deref().unwrap_or("null")).expect("value is JSON")
+    }
+}
+
+/// Reads every partition of some topics from the beginning and keeps what it read.
+pub struct Collector {
+    consumer: BaseConsumer,
+    pub records: Vec<Record>,
+}
+
+impl Collector {
+    /// `topics` maps each topic to its partition count.
+    pub fn new(bootstrap: &str, topics: &[(&str, i32)]) -> Collector {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "outbox-tests")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partitions) in topics {
+            for p in 0..*partitions {
+                tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+            }
+        }
+        consumer.assign(&tpl).expect("assign");
+        Collector { consumer, records: Vec::new() }
+    }
+
+    fn poll_once(&mut self, timeout: Duration) {
+        if let Some(result) = self.consumer.poll(timeout) {
+            let m = match result {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("consumer: {e}");
+                    return;
+                }
+            };
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.records.push(Record {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
+                headers,
+                timestamp_ms: m.timestamp().to_millis(),
+            });
+        }
+    }
+
+    /// Consumes until `done(records)` holds; panics after `timeout` with what was seen.
+    pub fn until(&mut self, what: &str, timeout: Duration, mut done: impl FnMut(&[Record]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.records) {
+            if Instant::now() >= deadline {
+                panic!("timed out after {timeout:?} waiting for {what}; consumed {} records", self.records.len());
+            }
+            self.poll_once(Duration::from_millis(100));
+        }
+    }
+
+    /// Consumes until `n` records with header `type == event_type` (or any, for None) arrived.
+    pub fn until_count(&mut self, n: usize, timeout: Duration) {
+        self.until(&format!("{n} records"), timeout, |r| r.len() >= n);
+    }
+
+    /// Records grouped by key, in partition order.
+    pub fn by_key(&self) -> HashMap<String, Vec<&Record>> {
+        let mut map: HashMap<String, Vec<&Record>> = HashMap::new();
+        for r in &self.records {
+            map.entry(r.key.clone().unwrap_or_default()).or_default().push(r);
+        }
+        map
+    }
+
+    /// Records whose `id` header equals `id`.
+    pub fn with_id(&self, id: &str) -> Vec<&Record> {
+        self.records.iter().filter(|r| r.header("id") == Some(id)).collect()
+    }
+}

@@ -215,6 +215,44 @@ pub fn strong_random_u64() -> u64 {
     u64::from_ne_bytes(buf)
 }
 
+static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
+
+/// Installs a log hook that keeps `outbox.kafka_properties` out of the server log: on reload
+/// Postgres logs `parameter "X" changed to "value"` for every changed setting, whatever its
+/// flags, and the value may hold a SASL password. Called from `_PG_init` in the postmaster,
+/// so every server process inherits the hook.
+pub fn install_secret_log_filter() {
+    // SAFETY: hooks are installed once, from _PG_init while the postmaster preloads libraries,
+    // before any other thread or process exists to read them.
+    unsafe {
+        PREV_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(secret_log_filter);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn secret_log_filter(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: Postgres passes the ErrorData being reported; its strings are palloc'd in
+    // ErrorContext, which is also where we allocate the replacement message.
+    unsafe {
+        let e = &mut *edata;
+        if !e.message_id.is_null()
+            && !e.message.is_null()
+            && CStr::from_ptr(e.message_id).to_bytes() == b"parameter \"%s\" changed to \"%s\""
+            && CStr::from_ptr(e.message).to_string_lossy().contains(crate::gucs::KAFKA_PROPERTIES_NAME)
+        {
+            let old = pg_sys::MemoryContextSwitchTo(pg_sys::ErrorContext);
+            e.message = pg_sys::pstrdup(
+                c"parameter \"outbox.kafka_properties\" changed (value hidden)".as_ptr(),
+            );
+            pg_sys::MemoryContextSwitchTo(old);
+        }
+        if let Some(prev) = PREV_EMIT_LOG_HOOK {
+            prev(edata);
+        }
+    }
+}
+
 /// Makes `prefix.anything` a reserved GUC namespace (PG15+).
 pub fn reserve_guc_prefix(prefix: &str) {
     let c = CString::new(prefix).expect("prefix has no NUL");

@@ -7,6 +7,9 @@
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 
+/// The setting that may hold secrets, by name (for the log filter in `ffi.rs`).
+pub const KAFKA_PROPERTIES_NAME: &str = "outbox.kafka_properties";
+
 static BOOTSTRAP_SERVERS_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 static DATABASE_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 static SLOT_NAME_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"outbox_ext"));
@@ -16,7 +19,9 @@ static KAFKA_PROPERTIES_GUC: GucSetting<Option<CString>> = GucSetting::<Option<C
 static MAX_PAYLOAD_BYTES_GUC: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 
 /// Registers the settings and reserves the `outbox` prefix, so a typo such as
-/// `outbox.bootstrap_server` is reported instead of silently ignored.
+/// `outbox.bootstrap_server` is reported instead of silently ignored. Only called while the
+/// postmaster preloads the library: postmaster-context settings cannot be defined later, and
+/// without preloading the extension refuses to run anyway.
 pub fn init() {
     GucRegistry::define_string_guc(
         c"outbox.bootstrap_servers",

@@ -23,8 +23,11 @@ mod status;
 
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    gucs::init();
+    // Without preloading nothing is registered: CREATE EXTENSION and emit() then fail with a
+    // message that says to add outbox_ext to shared_preload_libraries.
     if ffi::loading_shared_preload_libraries() {
+        gucs::init();
+        ffi::install_secret_log_filter();
         readiness::mark_preloaded();
         status::init_shmem();
         relay::register_worker();

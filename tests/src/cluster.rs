@@ -53,6 +53,14 @@ impl PgCluster {
     /// initdb, configure for outbox_ext (preloaded, wal_level=logical), start, and create the
     /// extension in database `postgres`. `settings` are extra postgresql.conf lines.
     pub fn start(settings: &[(&str, &str)]) -> PgCluster {
+        let cluster = PgCluster::init(settings);
+        cluster.sql("CREATE EXTENSION outbox_ext");
+        cluster
+    }
+
+    /// Like `start`, without creating the extension. `settings` come last in
+    /// postgresql.conf, so they override the defaults (for example wal_level).
+    pub fn init(settings: &[(&str, &str)]) -> PgCluster {
         if NEXT_PORT.load(Ordering::Relaxed) == 0 {
             let base = 20000 + (std::process::id() % 2000) as u16 * 10;
             let _ = NEXT_PORT.compare_exchange(0, base, Ordering::Relaxed, Ordering::Relaxed);
@@ -87,11 +95,20 @@ impl PgCluster {
         let mut existing = std::fs::read_to_string(&conf_path).unwrap();
         existing.push_str(&conf);
         std::fs::write(&conf_path, existing).unwrap();
-        let cluster = PgCluster { dir, port, database: "postgres".into(), stopped: true };
-        let mut cluster = cluster;
+        let mut cluster = PgCluster { dir, port, database: "postgres".into(), stopped: true };
         cluster.pg_ctl_start();
-        cluster.sql("CREATE EXTENSION outbox_ext");
         cluster
+    }
+
+    /// Another database of the same running cluster. Call `forget` before dropping it so
+    /// that the cluster is stopped only once.
+    pub fn attach(cluster: &PgCluster, database: &str) -> PgCluster {
+        PgCluster { dir: cluster.dir.clone(), port: cluster.port, database: database.into(), stopped: true }
+    }
+
+    /// Drops this handle without stopping the cluster or removing its files.
+    pub fn forget(self) {
+        std::mem::forget(self);
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -136,9 +153,11 @@ impl PgCluster {
         self.stopped = true;
     }
 
-    /// Runs SQL through psql; returns stdout (unaligned, tuples only) or stderr.
-    pub fn try_sql(&self, sql: &str) -> Result<String, String> {
-        let out = Command::new("psql")
+    /// Runs a psql script (statements in their own transactions unless the script says
+    /// otherwise). Returns stdout (unaligned, tuples only) or stderr.
+    fn psql(&self, script: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new("psql")
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
             .arg("-h")
             .arg(&self.dir)
@@ -147,10 +166,17 @@ impl PgCluster {
             .arg("-d")
             .arg(&self.database)
             .env("PGOPTIONS", "-c client_min_messages=warning")
-            .arg("-c")
-            .arg(sql)
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("psql runs");
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn try_sql(&self, sql: &str) -> Result<String, String> {
+        let out = self.psql(sql);
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
         } else {
@@ -166,29 +192,12 @@ impl PgCluster {
         }
     }
 
-    /// Runs SQL expecting an error; returns `SQLSTATE: message` from psql's verbose output.
+    /// Runs SQL expecting an error; returns `SQLSTATE: message` of the first error.
     pub fn sql_error(&self, sql: &str) -> String {
-        let wrapped = format!("\\set VERBOSITY verbose\n{sql}");
-        let out = Command::new("psql")
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
-            .arg("-h")
-            .arg(&self.dir)
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-d")
-            .arg(&self.database)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("psql runs");
-        use std::io::Write;
-        let mut child = out;
-        child.stdin.take().unwrap().write_all(wrapped.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = self.psql(&format!("\\set VERBOSITY verbose\n{sql}"));
         assert!(!out.status.success(), "expected an error from: {sql}");
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        // "ERROR:  22004: message"
+        // "psql:<stdin>:2: ERROR:  22004: message"
         err.lines()
             .find_map(|l| l.split_once("ERROR:  ").map(|(_, rest)| rest.to_string()))
             .unwrap_or(err)
@@ -208,6 +217,11 @@ impl PgCluster {
     /// Waits until the relay reports `state`.
     pub fn wait_for_state(&self, state: &str, timeout: Duration) {
         crate::wait_until(&format!("relay state {state}"), timeout, || self.status("state") == state);
+    }
+
+    /// Sends a signal (by name: STOP, CONT, KILL, TERM) to a server process.
+    pub fn signal(&self, pid: i32, signal: &str) {
+        check("kill", Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).output().unwrap());
     }
 
     /// The relay worker's PID, if it runs.

@@ -1,0 +1,68 @@
+//! What an operator meets first: the extension refuses to run on a server that is not set up
+//! for it, emit is not for everyone, and the Kafka properties stay hidden.
+
+use outbox_tests::{MockKafka, PgCluster};
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+#[test]
+fn create_extension_requires_preloading() {
+    let pg = PgCluster::init(&[("shared_preload_libraries", "")]);
+    let err = pg.sql_error("CREATE EXTENSION outbox_ext");
+    assert!(err.starts_with("55000"), "{err}");
+    assert!(err.contains("shared_preload_libraries"), "{err}");
+}
+
+#[test]
+fn create_extension_requires_wal_level_logical() {
+    let pg = PgCluster::init(&[("wal_level", "replica")]);
+    let err = pg.sql_error("CREATE EXTENSION outbox_ext");
+    assert!(err.starts_with("55000"), "{err}");
+    assert!(err.contains("wal_level"), "{err}");
+}
+
+#[test]
+fn emit_is_refused_outside_the_relayed_database() {
+    let pg = PgCluster::start(&[]);
+    pg.wait_for_state("unconfigured", DEADLINE);
+    pg.sql("CREATE DATABASE other");
+    let mut other = PgCluster::attach(&pg, "other");
+    other.sql("CREATE EXTENSION outbox_ext");
+    let err = other.sql_error("SELECT outbox.emit('a', 'b', 'c', '{}')");
+    assert!(err.starts_with("55000"), "{err}");
+    assert!(err.contains("another database"), "{err}");
+    other.forget();
+}
+
+#[test]
+fn emit_needs_a_grant_and_kafka_properties_stay_hidden() {
+    let kafka = MockKafka::start(1);
+    let pg = PgCluster::start(&[
+        ("outbox.bootstrap_servers", &kafka.bootstrap),
+        ("outbox.kafka_properties", "client.id=not-for-app-eyes"),
+    ]);
+    pg.wait_for_state("streaming", DEADLINE);
+    pg.sql("CREATE ROLE app LOGIN; CREATE ROLE granted LOGIN;");
+    pg.sql("GRANT EXECUTE ON FUNCTION outbox.emit(text, text, text, jsonb, jsonb) TO granted");
+
+    let as_app = |sql: &str| pg.sql_error(&format!("SET ROLE app;\n{sql}"));
+    assert!(as_app("SELECT outbox.emit('a', 'b', 'c', '{}')").starts_with("42501"));
+    assert!(as_app("SHOW outbox.kafka_properties").starts_with("42501"));
+    assert!(as_app("SELECT current_setting('outbox.kafka_properties')").starts_with("42501"));
+    let visible = pg.sql(
+        "SET ROLE app;
+         SELECT count(*) FROM pg_settings WHERE name = 'outbox.kafka_properties' AND setting LIKE '%not-for-app%';",
+    );
+    assert_eq!(visible, "0");
+    let status = pg.sql("SET ROLE app; SELECT row(s.*)::text FROM outbox.status() s;");
+    assert!(!status.contains("not-for-app"), "{status}");
+    let show_all = pg.sql("SET ROLE app; SHOW ALL;");
+    assert!(!show_all.contains("not-for-app"));
+    // With the grant, emit works.
+    let id = pg.sql("SET ROLE granted; SELECT outbox.emit('a', 'b', 'c', '{}');");
+    assert_eq!(id.lines().last().unwrap().len(), 36);
+    // A superuser sees the value.
+    assert_eq!(pg.sql("SHOW outbox.kafka_properties"), "client.id=not-for-app-eyes");
+    assert!(!pg.log().contains("not-for-app"), "the server log shows kafka_properties");
+}

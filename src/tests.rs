@@ -1,1 +1,164 @@
+//! In-database tests (`cargo pgrx test`): emit's validation, ids, privileges and settings, run
+//! in a server with the library preloaded (see `pg_test::postgresql_conf_options` in lib.rs).
+//! Delivery to Kafka is covered by the integration tests in `tests/`.
 
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+    use std::time::{Duration, Instant};
+
+    /// Runs `sql` and returns the SQLSTATE it raised ("00000" if none). The failed statement is
+    /// rolled back to a savepoint, so a test can go on in the same transaction.
+    fn sqlstate_of(sql: &str) -> String {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $f$
+             BEGIN EXECUTE q; RETURN '00000'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $f$",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()])
+            .unwrap()
+            .unwrap()
+    }
+
+    /// The relay worker creates its slot shortly after the server starts.
+    fn wait_for_slot() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while crate::ffi::check_slot(&crate::gucs::slot_name()) != crate::ffi::SlotCheck::Ready {
+            assert!(Instant::now() < deadline, "the relay did not create its slot");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[pg_test]
+    fn emit_returns_increasing_uuidv7s() {
+        wait_for_slot();
+        let ids: Vec<String> = (0..100)
+            .map(|i| {
+                Spi::get_one::<pgrx::Uuid>(&format!(
+                    "SELECT outbox.emit('order', 'o-{i}', 'OrderCreated', '{{\"i\": {i}}}')"
+                ))
+                .unwrap()
+                .unwrap()
+                .to_string()
+            })
+            .collect();
+        for id in &ids {
+            assert_eq!(id.len(), 36);
+            assert_eq!(&id[14..15], "7", "version 7: {id}");
+            assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "RFC 9562 variant: {id}");
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase within a backend");
+    }
+
+    #[pg_test]
+    fn emit_accepts_named_arguments_and_headers() {
+        wait_for_slot();
+        let state = sqlstate_of(
+            "SELECT outbox.emit(aggregatetype => 'order', aggregateid => 'o-1', type => 'OrderCreated', \
+             payload => '[1, 2]', headers => '{\"trace\": \"t-1\"}')",
+        );
+        assert_eq!(state, "00000");
+        // JSON null headers mean no headers, like SQL NULL.
+        assert_eq!(sqlstate_of("SELECT outbox.emit('order', 'o-1', 'T', '{}', 'null')"), "00000");
+    }
+
+    #[pg_test]
+    fn emit_rejects_bad_input_with_sqlstates() {
+        wait_for_slot();
+        let cases = [
+            ("SELECT outbox.emit(NULL, 'k', 't', '{}')", "22004"),
+            ("SELECT outbox.emit('a', NULL, 't', '{}')", "22004"),
+            ("SELECT outbox.emit('a', 'k', NULL, '{}')", "22004"),
+            ("SELECT outbox.emit('a', 'k', 't', NULL)", "22004"),
+            ("SELECT outbox.emit('', 'k', 't', '{}')", "22023"),
+            ("SELECT outbox.emit('a', '', 't', '{}')", "22023"),
+            ("SELECT outbox.emit('a', 'k', '', '{}')", "22023"),
+            // Templated topic "outbox.event.<aggregatetype>" must be [A-Za-z0-9._-]{1,249}.
+            ("SELECT outbox.emit('white space', 'k', 't', '{}')", "22023"),
+            ("SELECT outbox.emit('ordér', 'k', 't', '{}')", "22023"),
+            ("SELECT outbox.emit(repeat('a', 237), 'k', 't', '{}')", "22023"),
+            ("SELECT outbox.emit('a', 'k', 't', '{}', '[\"x\"]')", "22023"),
+            ("SELECT outbox.emit('a', 'k', 't', '{}', '\"x\"')", "22023"),
+            ("SELECT outbox.emit('a', 'k', 't', '{}', '{\"n\": 1}')", "22023"),
+            ("SELECT outbox.emit('a', 'k', 't', '{}', '{\"o\": {\"x\": \"y\"}}')", "22023"),
+            ("SELECT outbox.emit('a', 'k', 't', '{}', '{\"type\": \"forged\"}')", "22023"),
+            ("SELECT outbox.emit('a', 'k', 't', jsonb_build_object('x', repeat('y', 1000000)))", "54000"),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(sqlstate_of(sql), expected, "{sql}");
+        }
+        // 236 characters make a 249-character topic: still legal.
+        assert_eq!(sqlstate_of("SELECT outbox.emit(repeat('a', 236), 'k', 't', '{}')"), "00000");
+    }
+
+    #[pg_test]
+    fn max_payload_bytes_is_configurable_by_superusers() {
+        wait_for_slot();
+        Spi::run("SET outbox.max_payload_bytes = 10").unwrap();
+        assert_eq!(sqlstate_of("SELECT outbox.emit('a', 'k', 't', '\"0123456789\"')"), "54000");
+        assert_eq!(sqlstate_of("SELECT outbox.emit('a', 'k', 't', '\"01234567\"')"), "00000");
+        let context = Spi::get_one::<String>(
+            "SELECT context FROM pg_settings WHERE name = 'outbox.max_payload_bytes'",
+        );
+        assert_eq!(context.unwrap().as_deref(), Some("superuser"));
+    }
+
+    #[pg_test]
+    fn emit_is_not_granted_to_public() {
+        let public = Spi::get_one::<bool>(
+            "SELECT has_function_privilege('public', 'outbox.emit(text,text,text,jsonb,jsonb)', 'EXECUTE')",
+        );
+        assert_eq!(public.unwrap(), Some(false));
+        Spi::run("CREATE ROLE outbox_test_app").unwrap();
+        Spi::run("SET ROLE outbox_test_app").unwrap();
+        assert_eq!(sqlstate_of("SELECT outbox.emit('a', 'k', 't', '{}')"), "42501");
+        // status() shows no secrets and is open to monitoring roles.
+        assert_eq!(sqlstate_of("SELECT * FROM outbox.status()"), "00000");
+        assert_eq!(sqlstate_of("SHOW outbox.kafka_properties"), "42501");
+        Spi::run("RESET ROLE").unwrap();
+    }
+
+    #[pg_test]
+    fn settings_have_their_documented_contexts() {
+        let rows = [
+            ("outbox.bootstrap_servers", "sighup", ""),
+            ("outbox.database", "postmaster", "pgrx_tests"),
+            ("outbox.slot_name", "postmaster", "outbox_ext"),
+            ("outbox.topic", "sighup", "outbox.event.{aggregatetype}"),
+            ("outbox.max_payload_bytes", "superuser", "1000000"),
+        ];
+        for (name, context, setting) in rows {
+            let got = Spi::get_two_with_args::<String, String>(
+                "SELECT context, setting FROM pg_settings WHERE name = $1",
+                &[name.into()],
+            )
+            .unwrap();
+            assert_eq!(got, (Some(context.to_string()), Some(setting.to_string())), "{name}");
+        }
+        // outbox.kafka_properties is hidden (GUC_NO_SHOW_ALL) and superuser-only.
+        let listed = Spi::get_one::<i64>(
+            "SELECT count(*) FROM pg_settings WHERE name = 'outbox.kafka_properties'",
+        );
+        assert_eq!(listed.unwrap(), Some(0));
+        let value = Spi::get_one::<String>("SELECT current_setting('outbox.kafka_properties')");
+        assert_eq!(value.unwrap().as_deref(), Some(""));
+        // The prefix is reserved: a typo is an error, not a silent placeholder.
+        assert_eq!(sqlstate_of("SET outbox.bootstrap_server = 'x'"), "42602");
+    }
+
+    #[pg_test]
+    fn status_returns_one_row_in_a_documented_state() {
+        let state = Spi::get_one::<String>("SELECT state FROM outbox.status()").unwrap().unwrap();
+        assert!(
+            ["starting", "unconfigured", "streaming", "kafka_unavailable", "stopped", "config_error", "slot_error"]
+                .contains(&state.as_str()),
+            "{state}"
+        );
+        let rows = Spi::get_one::<i64>("SELECT count(*) FROM outbox.status()").unwrap();
+        assert_eq!(rows, Some(1));
+        assert_eq!(
+            Spi::get_one::<String>("SELECT slot_name FROM outbox.status()").unwrap().as_deref(),
+            Some("outbox_ext")
+        );
+    }
+}

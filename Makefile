@@ -1,0 +1,20 @@
+# outbox_ext — see README.md.
+SHELL := /bin/bash
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/outbox_ext/target
+
+.PHONY: demo test install deps
+
+## Install what is missing, build, and show events flowing from SQL to a local dev broker.
+demo: deps
+	bash scripts/demo.sh
+
+## Run every test suite (unit, in-database, integration).
+test: deps
+	bash scripts/test.sh
+
+## Build in release mode and install into the system PostgreSQL 15.
+install: deps
+	bash -c '. scripts/common.sh && install_extension --release'
+
+deps:
+	bash scripts/install-deps.sh

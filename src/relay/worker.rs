@@ -13,7 +13,7 @@
 use super::decode::EventRouter;
 use super::produce::KafkaProducer;
 use super::RelaySettings;
-use crate::ffi::{self, DecodingSession};
+use crate::ffi::{self, DecodeSink, DecodingSession, TxnInfo};
 use crate::gucs;
 use crate::status::{RelayState, StatusWriter};
 use outbox_core::routing;
@@ -133,6 +133,20 @@ fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> bool {
     }
 }
 
+/// Notices events without producing them (see `Relay::advance_without_kafka`).
+#[derive(Default)]
+struct EventProbe {
+    found: bool,
+}
+
+impl DecodeSink for EventProbe {
+    fn event(&mut self, _txn: TxnInfo, _body: &[u8]) {
+        self.found = true;
+    }
+
+    fn commit(&mut self, _txn: TxnInfo) {}
+}
+
 struct Relay {
     status: StatusWriter,
     settings: RelaySettings,
@@ -140,6 +154,8 @@ struct Relay {
     session: Option<DecodingSession>,
     backoff: Duration,
     last_confirm: Instant,
+    /// Unconfigured and an event was decoded: decoding waits for Kafka settings.
+    waiting_at_event: bool,
 }
 
 impl Relay {
@@ -151,6 +167,7 @@ impl Relay {
             session: None,
             backoff: BACKOFF_MIN,
             last_confirm: Instant::now(),
+            waiting_at_event: false,
         }
     }
 
@@ -166,8 +183,13 @@ impl Relay {
             }
             if !self.settings.configured() {
                 self.status.set_state(RelayState::Unconfigured);
-                sleep(Duration::from_secs(1));
+                self.advance_without_kafka();
                 continue;
+            }
+            if self.waiting_at_event {
+                // Configured again after waiting: decode from the confirmed position.
+                self.waiting_at_event = false;
+                self.session = None;
             }
             if self.router.is_none() && !self.build_router() {
                 sleep(Duration::from_secs(1));
@@ -209,6 +231,39 @@ impl Relay {
                 } else {
                     sleep(Duration::from_millis(1));
                 }
+            }
+        }
+    }
+
+    /// Without Kafka settings: decode anyway, only to confirm WAL that holds no events, so an
+    /// unconfigured relay does not pin WAL. At the first event, stop and wait: it and
+    /// everything after it are decoded again once Kafka is configured.
+    fn advance_without_kafka(&mut self) {
+        if self.router.is_some() {
+            // Kafka was just unconfigured: settle what is in flight first.
+            self.drain(SHUTDOWN_FLUSH);
+            self.confirm();
+            self.router = None;
+            self.session = None;
+        }
+        if self.waiting_at_event {
+            sleep(Duration::from_secs(1));
+            return;
+        }
+        let session = self.session.get_or_insert_with(DecodingSession::start);
+        let mut probe = EventProbe::default();
+        let mut decoded = 0;
+        while decoded < DECODE_BATCH && !probe.found && session.decode_next(&mut probe) {
+            decoded += 1;
+        }
+        if probe.found {
+            self.waiting_at_event = true;
+        } else {
+            // Every transaction committed before this point had no event.
+            let upto = session.decoded_upto();
+            session.confirm(upto);
+            if decoded == 0 {
+                sleep(Duration::from_millis(100));
             }
         }
     }

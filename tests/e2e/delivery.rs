@@ -57,6 +57,15 @@ fn record_has_topic_key_value_headers_and_commit_timestamp() {
     assert_eq!(pg.status("last_error"), "");
     assert!(pg.worker_pid().is_some());
     outbox_tests::wait_until("pending_bytes to drop to zero", DEADLINE, || pg.status("pending_bytes") == "0");
+
+    // An idle outbox does not pin WAL: the slot follows unrelated writes.
+    let before = pg.status("confirmed_lsn");
+    pg.sql("CREATE TABLE noise AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 20000) g");
+    outbox_tests::wait_until("the slot to pass unrelated WAL", DEADLINE, || {
+        pg.status("pending_bytes").parse::<i64>().is_ok_and(|b| b < 64 * 1024)
+    });
+    let moved = pg.sql(&format!("SELECT confirmed_lsn - '{before}'::pg_lsn > 1000000 FROM outbox.status()"));
+    assert_eq!(moved, "t");
 }
 
 #[test]

@@ -94,7 +94,16 @@ fn unconfigured_relay_waits_then_delivers_after_reload() {
     kafka.create_topic("outbox.event.later", 3);
     let pg = PgCluster::start(&[]);
     pg.wait_for_state("unconfigured", DEADLINE);
+    // With no events, an unconfigured relay still moves its slot past unrelated writes.
+    pg.sql("CREATE TABLE noise AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 20000) g");
+    wait_until("the slot to pass unrelated WAL", DEADLINE, || {
+        pg.status("pending_bytes").parse::<i64>().is_ok_and(|b| b < 64 * 1024)
+    });
     emit_batch(&pg, "later", 0, 200);
+    pg.sql("INSERT INTO noise SELECT g, repeat('y', 100) FROM generate_series(1, 20000) g");
+    // Once an event is waiting, the slot holds WAL from there on.
+    let pending: i64 = pg.status("pending_bytes").parse().unwrap();
+    assert!(pending > 1_000_000, "pending_bytes {pending}");
     pg.set("outbox.bootstrap_servers", &kafka.bootstrap);
     pg.wait_for_state("streaming", DEADLINE);
     let mut c = Collector::new(&kafka.bootstrap, &[("outbox.event.later", 3)]);

@@ -285,6 +285,14 @@ pub fn reload_config() {
     unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) }
 }
 
+/// Runs `callback` when this process exits, while shared memory and LWLocks still work (also
+/// after an ERROR ends a background worker).
+pub fn before_exit(callback: unsafe extern "C-unwind" fn(i32, pg_sys::Datum)) {
+    // SAFETY: before_shmem_exit stores the function pointer; the callback is a pg_guard'ed
+    // function of this library, which stays loaded until the process exits.
+    unsafe { pg_sys::before_shmem_exit(Some(callback), pg_sys::Datum::from(0usize)) }
+}
+
 /// Ends the worker with `code` after running the usual exit callbacks (which release the
 /// replication slot). Exit code 1 asks the postmaster to start the worker again after its
 /// restart interval.

@@ -98,9 +98,13 @@ pub struct StatusWriter {
 
 impl StatusWriter {
     pub fn attach(pid: i32) -> StatusWriter {
-        let mut s = STATUS.exclusive();
-        s.worker_pid = pid;
-        s.state = RelayState::Starting as u8;
+        {
+            let mut s = STATUS.exclusive();
+            s.worker_pid = pid;
+            s.state = RelayState::Starting as u8;
+        }
+        // However the worker ends (even by an ERROR), it no longer shows as running.
+        crate::ffi::before_exit(clear_on_exit);
         StatusWriter { state: RelayState::Starting }
     }
 
@@ -140,6 +144,15 @@ impl StatusWriter {
         s.worker_pid = 0;
         s.state = RelayState::Stopped as u8;
         self.state = RelayState::Stopped;
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn clear_on_exit(_code: i32, _arg: pg_sys::Datum) {
+    let mut s = STATUS.exclusive();
+    if s.worker_pid == crate::ffi::my_pid() {
+        s.worker_pid = 0;
+        s.state = RelayState::Stopped as u8;
     }
 }
 

@@ -24,8 +24,6 @@ pub struct EventRouter {
     pub last_error: Option<String>,
     /// A delivery failed or the worker must stop: produce nothing more until a rewind.
     pub halted: bool,
-    /// A fatal producer error: the producer must be rebuilt.
-    pub fatal: bool,
     /// When Kafka last acknowledged something (or the router was made).
     pub last_ack: Instant,
     /// Client-level errors (broker down) since the last acknowledgement.
@@ -44,7 +42,6 @@ impl EventRouter {
             delivered: 0,
             last_error: None,
             halted: false,
-            fatal: false,
             last_ack: Instant::now(),
             broker_trouble: false,
             foreign_messages: 0,
@@ -86,7 +83,7 @@ impl EventRouter {
                     self.last_error = Some(message);
                     self.broker_trouble = true;
                     if fatal {
-                        self.fatal = true;
+                        // The idempotent producer cannot go on; the rewind rebuilds it.
                         self.halted = true;
                     }
                 }

@@ -48,6 +48,9 @@ pub fn shutdown_requested() -> bool {
 
 /// Sleeps on the latch; returns false if the worker must stop.
 fn sleep(timeout: Duration) -> bool {
+    if shutdown_requested() {
+        return false;
+    }
     if !BackgroundWorker::wait_latch(Some(timeout.max(Duration::from_millis(1)))) {
         SHUTDOWN.store(true, Ordering::Relaxed);
     }
@@ -215,6 +218,10 @@ impl Relay {
             router.poll(Duration::ZERO);
 
             if router.halted {
+                if shutdown_requested() {
+                    self.shutdown();
+                    return;
+                }
                 self.rewind();
                 continue;
             }

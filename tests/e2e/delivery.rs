@@ -1,25 +1,12 @@
 //! Events reach Kafka with the right topic, key, value, headers and timestamp, complete and in
 //! per-key order, and outbox.status() reports the delivery.
 
-use outbox_tests::{Collector, MockKafka, PgCluster};
+use outbox_tests::{streaming_relay, Collector, DEADLINE};
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
-
-const DEADLINE: Duration = Duration::from_secs(120);
-
-fn setup(topics: &[&str]) -> (MockKafka, PgCluster) {
-    let kafka = MockKafka::start(3);
-    for t in topics {
-        kafka.create_topic(t, 3);
-    }
-    let pg = PgCluster::start(&[("outbox.bootstrap_servers", &kafka.bootstrap)]);
-    pg.wait_for_state("streaming", DEADLINE);
-    (kafka, pg)
-}
 
 #[test]
 fn record_has_topic_key_value_headers_and_commit_timestamp() {
-    let (kafka, pg) = setup(&["outbox.event.order"]);
+    let (kafka, pg) = streaming_relay(&["outbox.event.order"], &[]);
     let before_ms: i64 = pg.sql("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint").parse().unwrap();
     let id = pg.sql(
         "SELECT outbox.emit('order', 'o-42', 'OrderCreated', \
@@ -71,7 +58,7 @@ fn record_has_topic_key_value_headers_and_commit_timestamp() {
 #[test]
 fn ten_thousand_events_over_fifty_keys_arrive_complete_and_in_key_order() {
     let topic = "outbox.event.bulk";
-    let (kafka, pg) = setup(&[topic]);
+    let (kafka, pg) = streaming_relay(&[topic], &[]);
     const EVENTS: i64 = 10_000;
     const KEYS: i64 = 50;
     // Twenty transactions of 500 events, each key's seq rising in emit order.

@@ -1,11 +1,8 @@
 //! The relay across its life: stopped, terminated, crashed, unconfigured, reconfigured, and
 //! with Kafka down. Every committed event arrives; duplicates are counted, never lost events.
 
-use outbox_tests::{wait_until, Collector, MockKafka, PgCluster};
+use outbox_tests::{streaming_relay, wait_until, Collector, MockKafka, PgCluster, DEADLINE};
 use std::collections::HashSet;
-use std::time::Duration;
-
-const DEADLINE: Duration = Duration::from_secs(120);
 
 fn emit_batch(pg: &PgCluster, aggregatetype: &str, from: i64, count: i64) {
     pg.sql(&format!(
@@ -33,12 +30,7 @@ fn assert_complete(c: &Collector, n: i64) -> usize {
 }
 
 fn setup(topic: &str, extra: &[(&str, &str)]) -> (MockKafka, PgCluster, Collector) {
-    let kafka = MockKafka::start(3);
-    kafka.create_topic(topic, 3);
-    let mut settings = vec![("outbox.bootstrap_servers", kafka.bootstrap.as_str())];
-    settings.extend_from_slice(extra);
-    let pg = PgCluster::start(&settings);
-    pg.wait_for_state("streaming", DEADLINE);
+    let (kafka, pg) = streaming_relay(&[topic], extra);
     let c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
     (kafka, pg, c)
 }

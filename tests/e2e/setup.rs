@@ -1,10 +1,7 @@
 //! What an operator meets first: the extension refuses to run on a server that is not set up
 //! for it, emit is not for everyone, and the Kafka properties stay hidden.
 
-use outbox_tests::{MockKafka, PgCluster};
-use std::time::Duration;
-
-const DEADLINE: Duration = Duration::from_secs(120);
+use outbox_tests::{MockKafka, PgCluster, DEADLINE};
 
 #[test]
 fn create_extension_requires_preloading() {
@@ -27,7 +24,7 @@ fn emit_is_refused_outside_the_relayed_database() {
     let pg = PgCluster::start(&[]);
     pg.wait_for_state("unconfigured", DEADLINE);
     pg.sql("CREATE DATABASE other");
-    let mut other = PgCluster::attach(&pg, "other");
+    let other = PgCluster::attach(&pg, "other");
     other.sql("CREATE EXTENSION outbox_ext");
     let err = other.sql_error("SELECT outbox.emit('a', 'b', 'c', '{}')");
     assert!(err.starts_with("55000"), "{err}");

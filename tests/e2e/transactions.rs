@@ -1,17 +1,11 @@
 //! Events follow their transaction: committed ones arrive, rolled-back ones never do, whether
 //! rolled back whole, to a savepoint, or as a prepared transaction. Triggers can emit.
 
-use outbox_tests::{Collector, MockKafka, PgCluster, Record};
+use outbox_tests::{streaming_relay, Collector, MockKafka, PgCluster, Record, DEADLINE};
 use std::collections::HashSet;
-use std::time::Duration;
-
-const DEADLINE: Duration = Duration::from_secs(120);
 
 fn setup(topic: &str) -> (MockKafka, PgCluster, Collector) {
-    let kafka = MockKafka::start(3);
-    kafka.create_topic(topic, 3);
-    let pg = PgCluster::start(&[("outbox.bootstrap_servers", &kafka.bootstrap)]);
-    pg.wait_for_state("streaming", DEADLINE);
+    let (kafka, pg) = streaming_relay(&[topic], &[]);
     let c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
     (kafka, pg, c)
 }
@@ -168,34 +162,23 @@ fn rejected_emits_raise_sqlstates_and_write_nothing() {
 fn concurrent_writers_lose_nothing() {
     let (_kafka, pg, mut c) = setup("outbox.event.conc");
     // Four writers in parallel, each with committed and rolled-back transactions.
-    let handles: Vec<_> = (0..4)
-        .map(|w| {
-            let dir = pg.dir.clone();
-            let port = pg.port;
-            std::thread::spawn(move || {
+    std::thread::scope(|scope| {
+        for w in 0..4 {
+            let pg = &pg;
+            scope.spawn(move || {
                 let script = (0..50)
                     .map(|i| {
-                        let end = if i % 5 == 4 { "ROLLBACK" } else { "COMMIT" };
+                        let (end, kept) = if i % 5 == 4 { ("ROLLBACK", false) } else { ("COMMIT", true) };
                         format!(
-                            "BEGIN; SELECT outbox.emit('conc', 'w{w}', 'E', jsonb_build_object('w', {w}, 'i', {i}, 'kept', {})); {end};",
-                            end == "COMMIT"
+                            "BEGIN; SELECT outbox.emit('conc', 'w{w}', 'E', jsonb_build_object('w', {w}, 'i', {i}, 'kept', {kept})); {end};"
                         )
                     })
                     .collect::<Vec<_>>()
                     .join("\n");
-                let out = std::process::Command::new("psql")
-                    .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-d", "postgres", "-h"])
-                    .arg(&dir)
-                    .args(["-p", &port.to_string(), "-c", &script])
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
+                pg.sql(&script);
+            });
+        }
+    });
     c.until_count(4 * 40, DEADLINE);
     let mut seen = HashSet::new();
     for (key, records) in c.by_key() {

@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/outbox_ext/target
 
-.PHONY: demo test install deps
+.PHONY: demo test install deps bench
 
 ## Install what is missing, build, and show events flowing from SQL to a local dev broker.
 demo: deps
@@ -18,3 +18,7 @@ install: deps
 
 deps:
 	bash scripts/install-deps.sh
+
+## Measure writer overhead, drain rate, latency and worker memory (about 8 minutes).
+bench: deps
+	bash scripts/bench.sh

@@ -5,7 +5,7 @@
 set -euo pipefail
 
 PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 build-essential pkg-config
-          clang libclang-dev libssl-dev zlib1g-dev libzstd-dev sudo python3)
+          clang libclang-dev libssl-dev zlib1g-dev libzstd-dev sudo python3 bc)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -55,6 +55,10 @@ extern "C-unwind" {
     );
     #[link_name = "wal_segment_close"]
     fn c_wal_segment_close(state: *mut pg_sys::XLogReaderState);
+
+    /// tcop/tcopprot.h: the standard SIGTERM handler of backends.
+    #[link_name = "die"]
+    fn c_die(signal: std::ffi::c_int);
 }
 
 /// Runs a call into Postgres so that an ERROR raised inside it unwinds as a Rust panic (which
@@ -150,23 +154,28 @@ pub fn check_slot(name: &str) -> SlotCheck {
     let Ok(cname) = CString::new(name) else { return SlotCheck::Missing };
     // SAFETY: SearchNamedReplicationSlot takes ReplicationSlotControlLock itself (need_lock =
     // true) and returns a pointer into the fixed shared-memory slot array, which is never
-    // freed. The fields read below are plain words: `database` and `persistency` only change
-    // while the slot is created, and a torn read of the LSNs is impossible on the 64-bit
-    // platforms Postgres 15 supports. A slot dropped right after the check is the same race as
+    // freed. Other processes write these fields concurrently, so they are copied with volatile
+    // reads of single aligned words (no Rust reference to shared memory is formed): `database`
+    // and `persistency` only change while the slot is created, and a 64-bit LSN cannot tear on
+    // the 64-bit platforms this extension builds for. A slot dropped right after the check is the same race as
     // a slot dropped right after the event is written, and the README documents it.
     unsafe {
         let slot = pg_sys::SearchNamedReplicationSlot(cname.as_ptr(), true);
         if slot.is_null() {
             return SlotCheck::Missing;
         }
-        let data = &(*slot).data;
-        if data.persistency != pg_sys::ReplicationSlotPersistency::RS_PERSISTENT {
+        let data = std::ptr::addr_of!((*slot).data);
+        let persistency = std::ptr::addr_of!((*data).persistency).read_volatile();
+        let database = std::ptr::addr_of!((*data).database).read_volatile();
+        let invalidated_at = std::ptr::addr_of!((*data).invalidated_at).read_volatile();
+        let restart_lsn = std::ptr::addr_of!((*data).restart_lsn).read_volatile();
+        if persistency != pg_sys::ReplicationSlotPersistency::RS_PERSISTENT {
             return SlotCheck::Missing;
         }
-        if data.database != pg_sys::MyDatabaseId {
+        if database != pg_sys::MyDatabaseId {
             return SlotCheck::OtherDatabase;
         }
-        if data.invalidated_at != 0 || data.restart_lsn == 0 {
+        if invalidated_at != 0 || restart_lsn == 0 {
             return SlotCheck::Invalidated;
         }
         SlotCheck::Ready
@@ -332,7 +341,7 @@ pub fn slot_active_pid(name: &str) -> Option<i32> {
         if slot.is_null() {
             return None;
         }
-        Some((*slot).active_pid)
+        Some(std::ptr::addr_of!((*slot).active_pid).read_volatile())
     }
 }
 
@@ -379,13 +388,18 @@ fn local_wal_routine() -> pg_sys::XLogReaderRoutine {
 
 /// Creates the logical slot `name` for this database with this library as its output plugin,
 /// as `pg_create_logical_replication_slot` does, but outside any transaction. Waits for the
-/// transactions running now to finish (the slot's consistent point).
+/// transactions running now to finish (the slot's consistent point), which can take long (a
+/// prepared transaction, a long batch job): during the wait SIGTERM uses Postgres' own `die`
+/// handler, so that the wait's CHECK_FOR_INTERRUPTS ends the worker. The caller reinstalls its
+/// handlers afterwards.
 pub fn create_slot(name: &str) {
     let cname = CString::new(name).expect("slot names have no NUL");
     // SAFETY: the worker holds no slot and is outside a transaction, as the walsender is for
-    // CREATE_REPLICATION_SLOT. The slot is created ephemeral, so that an ERROR before
-    // ReplicationSlotPersist drops it again; the routine struct is copied by the reader.
+    // CREATE_REPLICATION_SLOT. The slot is created ephemeral, so that an ERROR (or `die`)
+    // before ReplicationSlotPersist drops it again; the routine struct is copied by the reader.
+    // pqsignal installs a plain C handler.
     unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(c_die));
         ensure_resource_owner();
         pg_sys::CheckLogicalDecodingRequirements();
         pg_sys::ReplicationSlotCreate(
@@ -532,15 +546,26 @@ impl DecodingSession {
     }
 
     /// Tells Postgres that everything before `lsn` has been delivered: the slot's
-    /// confirmed_flush (and in time its restart_lsn) moves up to it.
+    /// confirmed_flush (and in time its restart_lsn) moves up to it. The slot is marked dirty
+    /// so that the next checkpoint (including the shutdown checkpoint) writes the new position
+    /// to disk: in PG15, LogicalConfirmReceivedLocation alone keeps it in memory unless
+    /// restart_lsn moves, and a restart would then resend what was already delivered.
     pub fn confirm(&mut self, lsn: u64) {
         // SAFETY: we hold the slot; LogicalConfirmReceivedLocation updates it under its
-        // spinlock and saves it to disk when restart_lsn moves, as for a walsender's feedback.
+        // spinlock (and saves it when restart_lsn moves), as for a walsender's feedback;
+        // ReplicationSlotMarkDirty only sets flags on our own slot.
         unsafe {
             if lsn > (*pg_sys::MyReplicationSlot).data.confirmed_flush {
                 pg_sys::LogicalConfirmReceivedLocation(lsn);
+                pg_sys::ReplicationSlotMarkDirty();
             }
         }
+    }
+
+    /// Writes the slot's state to disk now (used when the worker stops).
+    pub fn save(&mut self) {
+        // SAFETY: we hold the slot; ReplicationSlotSave writes our own slot's file.
+        unsafe { pg_sys::ReplicationSlotSave() }
     }
 }
 

@@ -17,10 +17,17 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     // backlog (librdkafka's default allows about 1 GB).
     ("queue.buffering.max.kbytes", "65536"),
     ("linger.ms", "5"),
+    // Room for a payload of outbox.max_payload_bytes (1,000,000 by default) plus key and
+    // headers, and still within the broker's default message.max.bytes (1,048,588).
+    ("message.max.bytes", "1048576"),
 ];
 
 /// Settings the relay's guarantees rest on; a user value that contradicts them is refused.
-pub const REQUIRED: &[(&str, &str)] = &[("enable.idempotence", "true")];
+/// Idempotence keeps each partition free of duplicates from retries and in order; the gapless
+/// guarantee turns any failure that would leave a gap (a later record written, an earlier one
+/// failed) into a fatal error, after which the relay resends from the slot in order.
+pub const REQUIRED: &[(&str, &str)] =
+    &[("enable.idempotence", "true"), ("enable.gapless.guarantee", "true")];
 
 /// Keys that the relay sets from other GUCs and that `outbox.kafka_properties` cannot set.
 pub const OWNED_ELSEWHERE: &[(&str, &str)] = &[("bootstrap.servers", "outbox.bootstrap_servers")];
@@ -65,11 +72,33 @@ impl fmt::Display for SettingsError {
 
 impl std::error::Error for SettingsError {}
 
-/// Parses `key=value;key=value`. Whitespace around keys and values is trimmed; empty entries
-/// (as left by a trailing `;`) are skipped.
+/// Splits on `;`, except where it is escaped as `\;` (and `\\` is a backslash).
+fn split_entries(text: &str) -> Vec<String> {
+    let mut entries = vec![String::new()];
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(next @ (';' | '\\')) => entries.last_mut().unwrap().push(next),
+                Some(other) => {
+                    let e = entries.last_mut().unwrap();
+                    e.push('\\');
+                    e.push(other);
+                }
+                None => entries.last_mut().unwrap().push('\\'),
+            },
+            ';' => entries.push(String::new()),
+            c => entries.last_mut().unwrap().push(c),
+        }
+    }
+    entries
+}
+
+/// Parses `key=value;key=value`. A `;` inside a value is written `\;`. Whitespace around keys
+/// and values is trimmed; empty entries (as left by a trailing `;`) are skipped.
 pub fn parse_properties(text: &str) -> Result<Vec<(String, String)>, SettingsError> {
     let mut out = Vec::new();
-    for (i, entry) in text.split(';').enumerate() {
+    for (i, entry) in split_entries(text).iter().enumerate() {
         let index = i + 1;
         if entry.trim().is_empty() {
             continue;
@@ -138,6 +167,18 @@ mod tests {
         assert_eq!(get(&c, "enable.idempotence"), Some("true"));
         assert_eq!(get(&c, "partitioner"), Some("murmur2_random"));
         assert_eq!(c.iter().filter(|(k, _)| k == "linger.ms").count(), 1);
+    }
+
+    #[test]
+    fn semicolons_in_values_are_escaped() {
+        let p = parse_properties(r"sasl.password=a\;b=c\\d;linger.ms=1").unwrap();
+        assert_eq!(
+            p,
+            vec![
+                ("sasl.password".to_string(), r"a;b=c\d".to_string()),
+                ("linger.ms".to_string(), "1".to_string())
+            ]
+        );
     }
 
     #[test]

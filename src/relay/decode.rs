@@ -128,9 +128,20 @@ impl DecodeSink for EventRouter {
                 Ok(()) => return,
                 Err(Ok(QueueFull)) => {
                     // Back-pressure: librdkafka holds as much as queue.buffering.max.kbytes
-                    // allows. Serve delivery reports until there is room.
+                    // allows. Serve delivery reports until there is room. A reload, a stop,
+                    // the postmaster's death or a long stall hands control back to the main
+                    // loop (which shows the state and rewinds), instead of waiting here for
+                    // as long as message.timeout.ms.
                     self.poll(Duration::from_millis(10));
-                    if self.halted || worker::shutdown_requested() {
+                    let stalled = self.last_ack.elapsed() > worker::ACK_STALL;
+                    if self.halted
+                        || stalled
+                        || worker::reload_requested()
+                        || !worker::sleep(Duration::from_millis(1))
+                    {
+                        if stalled && self.last_error.is_none() {
+                            self.last_error = Some("Kafka accepts no more records and acknowledges none".into());
+                        }
                         self.tracker.delivered(seq, false);
                         self.halted = true;
                         return;

@@ -68,6 +68,25 @@ impl RelaySettings {
         kafka_settings::producer_config(&self.bootstrap_servers, &self.kafka_properties)
     }
 
+    /// Words a producer-creation error for outbox.status() without showing any value of
+    /// `outbox.kafka_properties`. A key librdkafka rejects is named by its entry number when it
+    /// came from the user: with a mistyped separator, a "key" can be part of a password.
+    pub fn describe_producer_error(&self, error: produce::ProducerError) -> String {
+        match error {
+            produce::ProducerError::InvalidProperty { key } => {
+                let user = kafka_settings::parse_properties(&self.kafka_properties).unwrap_or_default();
+                match user.iter().position(|(k, _)| *k == key) {
+                    Some(i) => format!(
+                        "outbox.kafka_properties: entry {} is not a librdkafka producer property or has an invalid value",
+                        i + 1
+                    ),
+                    None => format!("invalid librdkafka setting \"{key}\""),
+                }
+            }
+            produce::ProducerError::Other(message) => message,
+        }
+    }
+
     /// True if a change from `other` to `self` needs a new producer.
     pub fn kafka_changed(&self, other: &RelaySettings) -> bool {
         self.bootstrap_servers != other.bootstrap_servers

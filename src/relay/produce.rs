@@ -42,12 +42,16 @@ fn redact(text: &str, secrets: &[String]) -> String {
     out
 }
 
-/// Property names whose values must never appear in a message.
+/// Property names whose values must never appear in a message: every SASL and TLS setting,
+/// and anything that looks like a credential.
 fn is_secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["password", "secret", "key", "token", "jaas", "pem", "credential"]
-        .iter()
-        .any(|s| k.contains(s))
+    k.starts_with("sasl.")
+        || k.starts_with("ssl.")
+        || k.starts_with("ssl_")
+        || ["password", "secret", "key", "token", "jaas", "pem", "credential"]
+            .iter()
+            .any(|s| k.contains(s))
 }
 
 impl ClientContext for RelayContext {
@@ -74,6 +78,15 @@ impl ProducerContext for RelayContext {
     }
 }
 
+/// Why a producer could not be made.
+#[derive(Debug)]
+pub enum ProducerError {
+    /// librdkafka refused this property (unknown, or an invalid value).
+    InvalidProperty { key: String },
+    /// Anything else, with secret values cut out.
+    Other(String),
+}
+
 pub struct KafkaProducer {
     producer: BaseProducer<RelayContext>,
     reports: Receiver<Report>,
@@ -83,8 +96,8 @@ pub struct KafkaProducer {
 pub struct QueueFull;
 
 impl KafkaProducer {
-    /// Builds a producer. The error message never contains a property value.
-    pub fn new(config: &[(String, String)]) -> Result<KafkaProducer, String> {
+    /// Builds a producer. The error never contains a property value.
+    pub fn new(config: &[(String, String)]) -> Result<KafkaProducer, ProducerError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let secrets =
             config.iter().filter(|(k, _)| is_secret_key(k)).map(|(_, v)| v.clone()).collect::<Vec<_>>();
@@ -94,10 +107,11 @@ impl KafkaProducer {
         }
         let context = RelayContext { reports: tx, secrets: secrets.clone() };
         let producer = cc.create_with_context(context).map_err(|e| match e {
-            KafkaError::ClientConfig(_, _, key, _) => {
-                format!("invalid librdkafka configuration: property \"{key}\" is unknown or has an invalid value")
-            }
-            other => redact(&format!("could not create the Kafka producer: {other}"), &secrets),
+            KafkaError::ClientConfig(_, _, key, _) => ProducerError::InvalidProperty { key },
+            other => ProducerError::Other(redact(
+                &format!("could not create the Kafka producer: {other}"),
+                &secrets,
+            )),
         })?;
         Ok(KafkaProducer { producer, reports: rx })
     }
@@ -155,6 +169,7 @@ mod tests {
         assert_eq!(redact("auth failed for hunter2", &secrets), "auth failed for <hidden>");
         assert!(is_secret_key("sasl.password"));
         assert!(is_secret_key("ssl.key.pem"));
+        assert!(is_secret_key("sasl.oauthbearer.config"));
         assert!(!is_secret_key("linger.ms"));
     }
 }

@@ -27,7 +27,7 @@ const DECODE_BATCH: usize = 4096;
 /// How often the slot is confirmed while events flow.
 const CONFIRM_INTERVAL: Duration = Duration::from_millis(100);
 /// No acknowledgement for this long while events are in flight counts as Kafka unavailable.
-const ACK_STALL: Duration = Duration::from_secs(5);
+pub const ACK_STALL: Duration = Duration::from_secs(5);
 /// How long a client-level error (such as all brokers down) keeps the state unavailable.
 const BROKER_ERROR_MEMORY: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -36,6 +36,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
 static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+static RELOAD: AtomicBool = AtomicBool::new(false);
 
 /// True once SIGTERM (or postmaster death) was seen. pgrx's flag is reset when read, so it
 /// is latched here.
@@ -46,8 +47,22 @@ pub fn shutdown_requested() -> bool {
     SHUTDOWN.load(Ordering::Relaxed)
 }
 
+/// True if SIGHUP arrived and the main loop has not reloaded yet. Does not consume it.
+pub fn reload_requested() -> bool {
+    if BackgroundWorker::sighup_received() {
+        RELOAD.store(true, Ordering::Relaxed);
+    }
+    RELOAD.load(Ordering::Relaxed)
+}
+
+fn take_reload() -> bool {
+    let pending = reload_requested();
+    RELOAD.store(false, Ordering::Relaxed);
+    pending
+}
+
 /// Sleeps on the latch; returns false if the worker must stop.
-fn sleep(timeout: Duration) -> bool {
+pub fn sleep(timeout: Duration) -> bool {
     if shutdown_requested() {
         return false;
     }
@@ -110,13 +125,21 @@ fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> bool {
         match plugin {
             Ok(None) => {
                 log!("outbox_ext relay: creating logical replication slot \"{slot}\"");
+                status.set_state(RelayState::Starting);
                 ffi::create_slot(slot);
+                BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
                 continue;
             }
             Ok(Some(p)) if p != "outbox_ext" => {
                 status.set_state(RelayState::SlotError);
                 status.set_error(&format!(
                     "replication slot \"{slot}\" uses output plugin \"{p}\", not outbox_ext; drop it or set outbox.slot_name"
+                ));
+            }
+            Ok(Some(_)) if slot_lost(slot) => {
+                status.set_state(RelayState::SlotError);
+                status.set_error(&format!(
+                    "replication slot \"{slot}\" was invalidated (it lost WAL it needed, see max_slot_wal_keep_size): events committed since its last confirmed position may be missing; drop the slot to let the relay start afresh"
                 ));
             }
             Ok(Some(_)) => match ffi::slot_active_pid(slot) {
@@ -150,6 +173,18 @@ impl DecodeSink for EventProbe {
     fn commit(&mut self, _txn: TxnInfo) {}
 }
 
+/// True if the slot exists and was invalidated (wal_status 'lost').
+fn slot_lost(slot: &str) -> bool {
+    BackgroundWorker::transaction(|| {
+        Spi::get_one::<bool>(&format!(
+            "SELECT coalesce((SELECT wal_status = 'lost' FROM pg_catalog.pg_replication_slots WHERE slot_name = '{slot}'), false)"
+        ))
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
 struct Relay {
     status: StatusWriter,
     settings: RelaySettings,
@@ -159,6 +194,8 @@ struct Relay {
     last_confirm: Instant,
     /// Unconfigured and an event was decoded: decoding waits for Kafka settings.
     waiting_at_event: bool,
+    /// Consecutive loop iterations that found no WAL to decode.
+    idle_streak: u32,
 }
 
 impl Relay {
@@ -171,6 +208,7 @@ impl Relay {
             backoff: BACKOFF_MIN,
             last_confirm: Instant::now(),
             waiting_at_event: false,
+            idle_streak: 0,
         }
     }
 
@@ -180,7 +218,7 @@ impl Relay {
                 self.shutdown();
                 return;
             }
-            if BackgroundWorker::sighup_received() {
+            if take_reload() {
                 ffi::reload_config();
                 self.reload();
             }
@@ -194,11 +232,14 @@ impl Relay {
                 self.waiting_at_event = false;
                 self.session = None;
             }
+            if self.session.is_none() {
+                self.session = Some(DecodingSession::start());
+            }
             if self.router.is_none() && !self.build_router() {
                 sleep(Duration::from_secs(1));
                 continue;
             }
-            let session = self.session.get_or_insert_with(DecodingSession::start);
+            let session = self.session.as_mut().expect("started above");
             let router = self.router.as_mut().expect("built above");
 
             let started = Instant::now();
@@ -231,13 +272,18 @@ impl Relay {
                 self.confirm();
             }
             if idle {
+                self.idle_streak = self.idle_streak.saturating_add(1);
                 let router = self.router.as_mut().expect("present");
                 if router.tracker.in_flight() > 0 {
-                    // Block on librdkafka's queue: returns as soon as a report arrives.
+                    // Wait on librdkafka's queue for up to 1 ms.
                     router.poll(Duration::from_millis(1));
                 } else {
-                    sleep(Duration::from_millis(1));
+                    // 1 ms naps keep latency low while events flow; after a second of
+                    // quiet, 10 ms naps keep an idle relay cheap.
+                    sleep(if self.idle_streak < 1000 { Duration::from_millis(1) } else { Duration::from_millis(10) });
                 }
+            } else {
+                self.idle_streak = 0;
             }
         }
     }
@@ -316,7 +362,7 @@ impl Relay {
             }
             Err(e) => {
                 self.status.set_state(RelayState::ConfigError);
-                self.status.set_error(&e);
+                self.status.set_error(&self.settings.describe_producer_error(e));
                 false
             }
         }
@@ -384,6 +430,9 @@ impl Relay {
     fn shutdown(&mut self) {
         self.drain(SHUTDOWN_FLUSH);
         self.confirm();
+        if let Some(session) = self.session.as_mut() {
+            session.save();
+        }
         self.session = None;
         self.router = None;
         self.status.detach();

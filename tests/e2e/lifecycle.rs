@@ -157,3 +157,23 @@ fn sighup_with_new_kafka_settings_rebuilds_the_producer_without_loss() {
     });
     assert!(!pg.log().contains("hunter2"), "the server log shows the secret");
 }
+
+#[test]
+fn a_clean_restart_resends_nothing() {
+    let (_kafka, mut pg, mut c) = setup("outbox.event.restart", &[]);
+    emit_batch(&pg, "restart", 0, 2000);
+    c.until_count(2000, DEADLINE);
+    // The relay confirms and saves its slot when it stops; the restart resumes after it.
+    pg.pg_ctl_stop("fast");
+    pg.pg_ctl_start();
+    pg.wait_for_state("streaming", DEADLINE);
+    emit_batch(&pg, "restart", 2000, 100);
+    c.until("the events after the restart", DEADLINE, |r| {
+        r.iter().any(|r| r.json()["seq"].as_i64() == Some(2099))
+    });
+    // Wait for anything still on its way: every key's last event has arrived.
+    c.until("every event", DEADLINE, |r| {
+        r.iter().filter_map(|r| r.json()["seq"].as_i64()).collect::<HashSet<_>>().len() == 2100
+    });
+    assert_eq!(assert_complete(&c, 2100), 0, "duplicates after a clean restart");
+}

@@ -1,0 +1,5 @@
+-- Five events per transaction carrying their emit time (Unix µs) for outbox-latency.
+\set k random(1, 1000)
+BEGIN;
+SELECT outbox.emit('latency', 'agg-' || ((:k + i) % 1000), 'Tick', jsonb_build_object('t', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, 'pad', repeat('x', 150))) FROM generate_series(1, 5) AS i;
+COMMIT;

@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# `make bench`: writer overhead, drain rate, latency and worker memory, in one run against a
+# scratch PostgreSQL 15 cluster and the local dev broker. Prints a table and writes it to
+# bench/results/. Not part of `make test`. About 8 minutes.
+#
+#   BENCH_SECONDS   pgbench duration per writer script and round (default 10)
+#   BENCH_ROUNDS    rounds of the writer comparison (default 2)
+#   BENCH_EVENTS    backlog size for the drain measurement (default 1000000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/common.sh
+
+SECONDS_PER_RUN=${BENCH_SECONDS:-10}
+ROUNDS=${BENCH_ROUNDS:-2}
+BACKLOG=${BENCH_EVENTS:-1000000}
+SHARED=${SHARED_BENCH:-../shared/bench}
+DIR=${BENCH_DIR:-/tmp/outbox-bench}
+PORT=${BENCH_PORT:-55433}
+OUT=bench/results/$(date -u +%Y%m%d-%H%M%S).md
+mkdir -p bench/results
+
+echo "==> building (release) and installing"
+install_extension --release >/dev/null
+cargo build -q --release -p outbox_tests --bins
+BIN="$CARGO_TARGET_DIR/release"
+
+cleanup() {
+    [ -f "$DIR/data/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -m immediate -w stop >/dev/null 2>&1 || true
+    [ -n "${BROKER_PID:-}" ] && kill "$BROKER_PID" 2>/dev/null || true
+}
+trap cleanup EXIT
+rm -rf "$DIR" && mkdir -p "$DIR" && cp "$SHARED"/*.sql bench/*.sql "$DIR"/
+is_root && chown -R postgres:postgres "$DIR"
+
+"$BIN/outbox-dev-broker" --brokers 3 --topic outbox.event.order:3 --topic outbox.event.bench:3 \
+    --topic outbox.event.latency:3 --bootstrap-file "$DIR/bootstrap" >/dev/null &
+BROKER_PID=$!
+for _ in $(seq 100); do [ -s "$DIR/bootstrap" ] && break; sleep 0.1; done
+BOOTSTRAP=$(cat "$DIR/bootstrap")
+
+as_pg "$PG_BIN/initdb" -U postgres --auth=trust --encoding=UTF8 --locale=C -D "$DIR/data" >/dev/null
+cat >> "$DIR/data/postgresql.conf" <<CONF
+listen_addresses = ''
+port = $PORT
+unix_socket_directories = '$DIR'
+wal_level = logical
+shared_preload_libraries = 'outbox_ext'
+shared_buffers = '512MB'
+max_wal_size = '8GB'
+outbox.bootstrap_servers = '$BOOTSTRAP'
+CONF
+as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
+
+sql() { psql -X -A -t -q -v ON_ERROR_STOP=1 -U postgres -h "$DIR" -p "$PORT" -d postgres -c "$1"; }
+status() { sql "SELECT $1 FROM outbox.status()"; }
+set_conf() { sql "ALTER SYSTEM SET $1 = '$2'" && sql "SELECT pg_reload_conf()" >/dev/null; }
+wait_state() { for _ in $(seq 600); do [ "$(status state)" = "$1" ] && return 0; sleep 0.1; done; echo "relay never reached $1" >&2; return 1; }
+pgb() { as_pg pgbench -h "$DIR" -p "$PORT" -U postgres -n "$@" postgres 2>&1; }
+worker_mem() { # RssAnon and VmHWM of the relay, in MB
+    local pid; pid=$(status worker_pid)
+    awk '/^RssAnon|^VmHWM/ {printf "%s=%.1f ", $1, $2/1024}' "/proc/$pid/status"
+}
+anon_mb() { awk '/^RssAnon/ {printf "%.1f", $2/1024}' "/proc/$(status worker_pid)/status"; }
+
+sql "CREATE EXTENSION outbox_ext" && sql "$(cat "$DIR/schema.sql")"
+wait_state streaming
+idle_mem=$(anon_mb)
+
+# ---------------------------------------------------------------- 1. writer overhead
+echo "==> writer overhead: pgbench -c 4 -j 2 -T $SECONDS_PER_RUN, $ROUNDS rounds"
+declare -A TPS
+SCRIPTS=(business_only table_outbox table_outbox_insert_delete raw_logical_message emit)
+for sync in on off; do
+    set_conf synchronous_commit "$sync"
+    for round in $(seq "$ROUNDS"); do
+        for s in "${SCRIPTS[@]}"; do
+            sql "CHECKPOINT"
+            t=$(pgb -c 4 -j 2 -T "$SECONDS_PER_RUN" -f "$DIR/$s.sql" | awk '/^tps/ {print $3}')
+            TPS[$sync,$s]=$(echo "${TPS[$sync,$s]:-0} + $t / $ROUNDS" | bc -l)
+            printf "    sync=%-3s round %d %-28s %8.0f tps\n" "$sync" "$round" "$s" "$t"
+        done
+    done
+done
+set_conf synchronous_commit on
+
+# ---------------------------------------------------------------- 2. drain rate
+echo "==> drain: $BACKLOG events of ~200 bytes over 1000 keys, emitted with the relay unconfigured"
+set_conf outbox.bootstrap_servers ''
+wait_state unconfigured
+per_txn=50000
+start=$(date +%s.%N)
+for ((from = 0; from < BACKLOG; from += per_txn * 2)); do
+    writers=()
+    for half in 0 1; do
+        lo=$((from + half * per_txn)); hi=$((lo + per_txn - 1)); [ $hi -ge $BACKLOG ] && hi=$((BACKLOG - 1))
+        [ $lo -lt $BACKLOG ] || continue
+        sql "SELECT count(outbox.emit('bench', 'agg-' || (i % 1000), 'Tick', jsonb_build_object('seq', i, 'pad', repeat('x', 170)))) FROM generate_series($lo, $hi) AS i" >/dev/null &
+        writers+=($!)
+    done
+    wait "${writers[@]}"
+done
+emit_secs=$(echo "$(date +%s.%N) - $start" | bc -l)
+backlog_bytes=$(status pending_bytes)
+delivered0=$(status events_delivered)
+peak_drain=0
+set_conf outbox.bootstrap_servers "$BOOTSTRAP"
+t0=$(date +%s.%N)
+while :; do
+    d=$(( $(status events_delivered) - delivered0 ))
+    m=$(anon_mb); peak_drain=$(echo "if ($m > $peak_drain) $m else $peak_drain" | bc -l)
+    [ "$d" -ge "$BACKLOG" ] && break
+    sleep 0.05
+done
+drain_secs=$(echo "$(date +%s.%N) - $t0" | bc -l)
+drain_rate=$(echo "$BACKLOG / $drain_secs" | bc -l)
+payload_mb=$(sql "SELECT sum(length(jsonb_build_object('seq', i, 'pad', repeat('x', 170))::text)) / 1e6 FROM generate_series(0, $BACKLOG - 1) i")
+drain_mbs=$(echo "$payload_mb / $drain_secs" | bc -l)
+echo "    emitted in ${emit_secs}s, WAL backlog $backlog_bytes bytes; drained in ${drain_secs}s"
+
+# ---------------------------------------------------------------- 3. latency
+latency() { # rate script sync label
+    local rate=$1 script=$2 sync=$3 per=$4
+    set_conf synchronous_commit "$sync"
+    local count=$((rate * 20))
+    local fifo="$DIR/latency.out"
+    "$BIN/outbox-latency" "$BOOTSTRAP" outbox.event.latency 3 "$count" 60 >"$fifo" &
+    local lpid=$!
+    for _ in $(seq 100); do grep -q ready "$fifo" 2>/dev/null && break; sleep 0.1; done
+    local mem_samples="$DIR/mem.$rate"; : >"$mem_samples"
+    ( for _ in $(seq 40); do anon_mb >>"$mem_samples"; echo >>"$mem_samples"; sleep 0.5; done ) &
+    local mpid=$!
+    pgb -c 4 -j 2 -T 20 -R $((rate / per)) -f "$DIR/$script" >/dev/null
+    wait "$lpid"; kill "$mpid" 2>/dev/null || true
+    LAT[$rate]=$(tail -1 "$fifo")
+    MEM[$rate]=$(sort -n "$mem_samples" | tail -1)
+}
+declare -A LAT MEM
+echo "==> latency at 2,000 and 10,000 events/s (20 s each)"
+set_conf wal_writer_delay 10ms
+latency 2000 latency.sql on 1
+latency 10000 latency5.sql on 5
+streaming_mem=${MEM[10000]}
+field() { echo "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k {print $2}'; }
+
+# ---------------------------------------------------------------- report
+ratio() { echo "${TPS[$1,$2]} / ${TPS[$1,$3]}" | bc -l; }
+{
+echo "# outbox_ext benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo
+echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r); PostgreSQL $(sql 'SHOW server_version'); the relay produces to the dev broker (librdkafka mock cluster, 3 brokers) on loopback."
+echo
+echo "## 1. Writer overhead (pgbench -c 4 -j 2, ${SECONDS_PER_RUN} s × $ROUNDS rounds, mean tps; the relay streaming)"
+echo
+echo "| script | sync on tps | ratio to business_only | sync off tps | ratio to business_only |"
+echo "|---|---|---|---|---|"
+for s in "${SCRIPTS[@]}"; do
+    printf "| %s | %.0f | %.2f | %.0f | %.2f |\n" "$s" "${TPS[on,$s]}" "$(ratio on "$s" business_only)" "${TPS[off,$s]}" "$(ratio off "$s" business_only)"
+done
+echo
+printf "| target | sync on | sync off |\n|---|---|---|\n"
+printf "| emit ÷ raw_logical_message (≥ 0.95) | %.3f | %.3f |\n" "$(ratio on emit raw_logical_message)" "$(ratio off emit raw_logical_message)"
+printf "| emit ÷ table_outbox (≥ 1.20 sync off) | %.3f | %.3f |\n" "$(ratio on emit table_outbox)" "$(ratio off emit table_outbox)"
+echo
+echo "## 2. Drain rate"
+echo
+printf "%s events (%.0f MB of payload, %s bytes of WAL) emitted with the relay unconfigured, then released: drained in %.2f s = **%.0f events/s**, %.1f MB/s of payload. Peak worker RssAnon while draining: %.1f MB.\n" \
+    "$BACKLOG" "$payload_mb" "$backlog_bytes" "$drain_secs" "$drain_rate" "$drain_mbs" "$peak_drain"
+echo
+echo "## 3. Latency (consumer receipt; 20 s of steady load; wal_writer_delay=10ms; linger.ms=5)"
+echo
+echo "| load | synchronous_commit | emit→receipt p50 | p99 | p99.9 | commit→receipt p50 (ms clock) | p99 |"
+echo "|---|---|---|---|---|---|---|"
+for r in 2000 10000; do
+    l=${LAT[$r]}
+    printf "| %s events/s | on | %s ms | %s ms | %s ms | %s ms | %s ms |\n" "$r" "$(field "$l" emit_p50_ms)" "$(field "$l" emit_p99_ms)" "$(field "$l" emit_p999_ms)" "$(field "$l" commit_p50_ms)" "$(field "$l" commit_p99_ms)"
+done
+echo
+echo "Received: 2k run $(field "${LAT[2000]}" received), 10k run $(field "${LAT[10000]}" received) events."
+echo
+echo "## 4. Worker memory (RssAnon: the worker's private memory, excluding shared buffers)"
+echo
+echo "| phase | RssAnon |"
+echo "|---|---|"
+echo "| idle | $idle_mem MB |"
+echo "| streaming 10k events/s (peak of samples) | $streaming_mem MB |"
+echo "| draining the $BACKLOG backlog (peak of samples) | $peak_drain MB |"
+} | tee "$OUT"
+echo "(written to $OUT)"

@@ -29,7 +29,7 @@ run pg_test cargo pgrx test "${pgrx_args[@]}"
 
 # cargo pgrx test installed a build with the test schema; install the plain one.
 run install install_extension
-run e2e cargo test -p outbox_tests --tests
+run e2e cargo test -p outbox_tests --tests -- --nocapture
 
 passed=$(grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')

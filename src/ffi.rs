@@ -455,7 +455,15 @@ unsafe fn ensure_resource_owner() {
 /// `restart_lsn` and skipping transactions that committed before `confirmed_flush`.
 pub struct DecodingSession {
     ctx: *mut pg_sys::LogicalDecodingContext,
+    /// When the slot was last written to disk by us.
+    last_save: std::time::Instant,
 }
+
+/// How often a moving slot is written to disk. Postgres itself writes a logical slot only at
+/// checkpoints (or when restart_lsn moves); after a crash, everything confirmed since is sent
+/// again. Saving once a second bounds those duplicates to about a second of traffic, for one
+/// small fsync'd file write a second.
+const SLOT_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Points the output plugin at the sink for the duration of one record, and clears the
 /// pointer again even if decoding raises an ERROR (which pgrx turns into a panic).
@@ -500,7 +508,7 @@ impl DecodingSession {
             );
             pg_sys::MemoryContextSwitchTo(old);
             pg_sys::XLogBeginRead((*ctx).reader, (*pg_sys::MyReplicationSlot).data.restart_lsn);
-            DecodingSession { ctx }
+            DecodingSession { ctx, last_save: std::time::Instant::now() }
         }
     }
 
@@ -558,6 +566,10 @@ impl DecodingSession {
             if lsn > (*pg_sys::MyReplicationSlot).data.confirmed_flush {
                 pg_sys::LogicalConfirmReceivedLocation(lsn);
                 pg_sys::ReplicationSlotMarkDirty();
+                if self.last_save.elapsed() >= SLOT_SAVE_INTERVAL {
+                    pg_sys::ReplicationSlotSave();
+                    self.last_save = std::time::Instant::now();
+                }
             }
         }
     }

@@ -29,7 +29,6 @@ fn emit_is_refused_outside_the_relayed_database() {
     let err = other.sql_error("SELECT outbox.emit('a', 'b', 'c', '{}')");
     assert!(err.starts_with("55000"), "{err}");
     assert!(err.contains("another database"), "{err}");
-    other.forget();
 }
 
 #[test]

@@ -47,6 +47,8 @@ pub struct PgCluster {
     pub port: u16,
     pub database: String,
     stopped: bool,
+    /// Only the handle that made the cluster stops and removes it on drop.
+    owner: bool,
 }
 
 impl PgCluster {
@@ -95,20 +97,53 @@ impl PgCluster {
         let mut existing = std::fs::read_to_string(&conf_path).unwrap();
         existing.push_str(&conf);
         std::fs::write(&conf_path, existing).unwrap();
-        let mut cluster = PgCluster { dir, port, database: "postgres".into(), stopped: true };
+        let mut cluster = PgCluster { dir, port, database: "postgres".into(), stopped: true, owner: true };
         cluster.pg_ctl_start();
         cluster
     }
 
-    /// Another database of the same running cluster. Call `forget` before dropping it so
-    /// that the cluster is stopped only once.
+    /// Another handle on the same running cluster, for `database`. Dropping it leaves the
+    /// cluster alone.
     pub fn attach(cluster: &PgCluster, database: &str) -> PgCluster {
-        PgCluster { dir: cluster.dir.clone(), port: cluster.port, database: database.into(), stopped: true }
+        PgCluster {
+            dir: cluster.dir.clone(),
+            port: cluster.port,
+            database: database.into(),
+            stopped: false,
+            owner: false,
+        }
     }
 
-    /// Drops this handle without stopping the cluster or removing its files.
-    pub fn forget(self) {
-        std::mem::forget(self);
+    /// Emits `count` events of `aggregatetype` in one transaction, seq `from..from+count` over
+    /// `keys` keys named `{prefix}{seq % keys}`; commits (or rolls back) and returns
+    /// (id, key) in emit order.
+    pub fn emit_batch(
+        &self,
+        aggregatetype: &str,
+        prefix: &str,
+        keys: i64,
+        from: i64,
+        count: i64,
+        commit: bool,
+    ) -> Vec<(String, String)> {
+        let end = if commit { "COMMIT" } else { "ROLLBACK" };
+        let out = self.sql(&format!(
+            "BEGIN;
+             SELECT string_agg(id::text || ' ' || k, ',' ORDER BY i) FROM (
+               SELECT i, '{prefix}' || (i % {keys}) AS k,
+                      outbox.emit('{aggregatetype}', '{prefix}' || (i % {keys}), 'E', jsonb_build_object('seq', i)) AS id
+               FROM generate_series({from}, {}) AS i) s;
+             {end};",
+            from + count - 1
+        ));
+        out.trim()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|pair| {
+                let (id, key) = pair.split_once(' ').expect("id key");
+                (id.to_string(), key.to_string())
+            })
+            .collect()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -230,8 +265,55 @@ impl PgCluster {
     }
 }
 
+/// An open psql session, for transactions that stay open across other events.
+pub struct Session {
+    child: std::process::Child,
+}
+
+impl Session {
+    /// Sends SQL; it runs as soon as psql reads it.
+    pub fn send(&mut self, sql: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(sql.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Ends the session and returns its output.
+    pub fn finish(mut self) -> String {
+        drop(self.child.stdin.take());
+        let out = self.child.wait_with_output().unwrap();
+        assert!(out.status.success(), "psql session failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl PgCluster {
+    /// Starts a psql session that runs what `Session::send` gives it.
+    pub fn session(&self) -> Session {
+        let child = Command::new("psql")
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
+            .arg("-h")
+            .arg(&self.dir)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-d")
+            .arg(&self.database)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("psql runs");
+        Session { child }
+    }
+}
+
 impl Drop for PgCluster {
     fn drop(&mut self) {
+        if !self.owner {
+            return;
+        }
         if !self.stopped {
             let _ = as_owner(&pg_bin().join("pg_ctl"))
                 .args(["-w", "-m", "immediate", "-D"])

@@ -13,14 +13,21 @@ use std::time::{Duration, Instant};
 pub struct MockKafka {
     pub cluster: MockCluster<'static, DefaultProducerContext>,
     pub bootstrap: String,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+/// One mock cluster per test process at a time. `broker_up` listens again on the port the
+/// broker had; a mock cluster started meanwhile by a parallel test can take that port, and
+/// librdkafka then aborts the process. Test binaries already run one after another.
+static ONE_MOCK_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl MockKafka {
     /// A mock cluster of `brokers` brokers.
     pub fn start(brokers: i32) -> MockKafka {
+        let guard = ONE_MOCK_CLUSTER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let cluster = MockCluster::new(brokers).expect("mock cluster starts");
         let bootstrap = cluster.bootstrap_servers();
-        MockKafka { cluster, bootstrap }
+        MockKafka { cluster, bootstrap, _one_at_a_time: guard }
     }
 
     /// Creates `topic` with `partitions` partitions, replicated on every broker.
@@ -131,6 +138,24 @@ impl Collector {
             map.entry(r.key.clone().unwrap_or_default()).or_default().push(r);
         }
         map
+    }
+
+    /// Consumes until every committed id of `emitted` has arrived.
+    pub fn until_all(&mut self, emitted: &crate::Emitted, timeout: Duration) {
+        let want: std::collections::HashSet<&str> = emitted.committed.iter().map(|(id, _)| id.as_str()).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut scanned = 0;
+        self.until(&format!("{} committed events", want.len()), timeout, |records| {
+            for r in &records[scanned..] {
+                if let Some(id) = r.header("id") {
+                    if want.contains(id) {
+                        seen.insert(id.to_string());
+                    }
+                }
+            }
+            scanned = records.len();
+            seen.len() == want.len()
+        });
     }
 
     /// Records whose `id` header equals `id`.

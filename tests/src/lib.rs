@@ -2,11 +2,15 @@
 //! an in-process librdkafka mock Kafka cluster, and a consumer that reads back what the relay
 //! produced. Every wait has a deadline; nothing sleeps to synchronise.
 
+pub mod checker;
 pub mod cluster;
 pub mod kafka;
+pub mod load;
 
+pub use checker::{check, Emitted, Report};
 pub use cluster::PgCluster;
 pub use kafka::{Collector, MockKafka, Record};
+pub use load::{Load, LoadShape};
 
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,131 @@
+//! The relay process and the server fail around it: SIGKILL, immediate stop, transactions
+//! and prepared transactions open across restarts, and other clients reaching for its slot.
+
+use outbox_tests::{check, streaming_relay, wait_until, Collector, Emitted, PgCluster, DEADLINE};
+
+/// Emits `batches` transactions of `size` events on keys `{prefix}0..9`, all committed.
+fn emit_committed(pg: &PgCluster, emitted: &mut Emitted, aggregatetype: &str, batches: i64, size: i64) {
+    let start = emitted.committed.len() as i64;
+    for b in 0..batches {
+        for (id, key) in pg.emit_batch(aggregatetype, "k", 10, start + b * size, size, true) {
+            emitted.commit(id, key);
+        }
+    }
+}
+
+fn wait_for_new_worker(pg: &PgCluster, old: i32) {
+    wait_until("the server to accept connections", DEADLINE, || pg.try_sql("SELECT 1").is_ok());
+    wait_until("a new relay worker", DEADLINE, || {
+        pg.try_sql("SELECT worker_pid FROM outbox.status() WHERE state = 'streaming'")
+            .is_ok_and(|p| !p.is_empty() && p != old.to_string())
+    });
+}
+
+#[test]
+fn worker_sigkilled_three_times_while_streaming() {
+    let topic = "outbox.event.kill";
+    let (kafka, pg) = streaming_relay(&[topic], &[]);
+    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
+    let mut emitted = Emitted::default();
+    for round in 0..3 {
+        // A backlog written while the relay is frozen, so that it is mid-stream when killed.
+        // (Kept to 20,000 events a round: the mock broker's fetch slows down on long logs.)
+        let pid = pg.worker_pid().expect("worker");
+        let before = c.records.len();
+        pg.signal(pid, "STOP");
+        emit_committed(&pg, &mut emitted, "kill", 2, 10_000);
+        pg.signal(pid, "CONT");
+        // Kill it as soon as the first records of the backlog arrive.
+        c.until("the backlog to start arriving", DEADLINE, |r| r.len() > before);
+        pg.signal(pid, "KILL");
+        eprintln!(
+            "round {round}: killed {pid} with {} of {} events consumed",
+            c.records.len(),
+            emitted.committed.len()
+        );
+        wait_for_new_worker(&pg, pid);
+    }
+    c.until_all(&emitted, DEADLINE);
+    check(&emitted, &c.records).assert_ok("worker SIGKILLed 3 times", emitted.committed.len());
+}
+
+#[test]
+fn immediate_stop_mid_stream_then_restart() {
+    let topic = "outbox.event.immediate";
+    let (kafka, mut pg) = streaming_relay(&[topic], &[]);
+    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
+    let mut emitted = Emitted::default();
+    emit_committed(&pg, &mut emitted, "immediate", 10, 2000);
+    c.until("part of the backlog", DEADLINE, |r| r.len() >= 2000);
+    pg.pg_ctl_stop("immediate");
+    pg.pg_ctl_start();
+    pg.wait_for_state("streaming", DEADLINE);
+    emit_committed(&pg, &mut emitted, "immediate", 2, 1000);
+    c.until_all(&emitted, DEADLINE);
+    check(&emitted, &c.records).assert_ok("pg_ctl stop -m immediate", emitted.committed.len());
+}
+
+#[test]
+fn transaction_open_across_a_worker_restart_arrives_once_in_commit_order() {
+    let topic = "outbox.event.open";
+    let (kafka, pg) = streaming_relay(&[topic], &[]);
+    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
+    let mut open = pg.session();
+    open.send("BEGIN; SELECT outbox.emit('open', 'k', 'FirstEmitted', '{}');");
+    let pid = pg.worker_pid().unwrap();
+    pg.sql(&format!("SELECT pg_terminate_backend({pid})"));
+    wait_for_new_worker(&pg, pid);
+    pg.sql("SELECT outbox.emit('open', 'k', 'CommittedFirst', '{}')");
+    open.send("COMMIT;");
+    let out = open.finish();
+    let id = out.lines().next().unwrap().trim().to_string();
+    c.until("both events", DEADLINE, |r| r.len() >= 2);
+    let types: Vec<_> = c.records.iter().map(|r| r.header("type").unwrap().to_string()).collect();
+    assert_eq!(types, ["CommittedFirst", "FirstEmitted"], "commit order");
+    assert_eq!(c.with_id(&id).len(), 1);
+}
+
+#[test]
+fn prepared_transactions_across_a_worker_restart() {
+    let topic = "outbox.event.prep";
+    let (kafka, pg) = streaming_relay(&[topic], &[]);
+    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
+    pg.sql(
+        "BEGIN; SELECT outbox.emit('prep', 'k', 'Committed', '{}'); PREPARE TRANSACTION 'a';
+         BEGIN; SELECT outbox.emit('prep', 'k', 'RolledBack', '{}'); PREPARE TRANSACTION 'b';",
+    );
+    let pid = pg.worker_pid().unwrap();
+    pg.sql(&format!("SELECT pg_terminate_backend({pid})"));
+    wait_for_new_worker(&pg, pid);
+    pg.sql("COMMIT PREPARED 'a'; ROLLBACK PREPARED 'b';");
+    pg.sql("SELECT outbox.emit('prep', 'k', 'Marker', '{}')");
+    c.until("the marker", DEADLINE, |r| r.iter().any(|r| r.header("type") == Some("Marker")));
+    let types: Vec<_> = c.records.iter().map(|r| r.header("type").unwrap().to_string()).collect();
+    assert_eq!(types, ["Committed", "Marker"]);
+}
+
+#[test]
+fn another_client_cannot_take_the_slot() {
+    let topic = "outbox.event.slot";
+    let (kafka, pg) = streaming_relay(&[topic], &[]);
+    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
+    let err = pg.sql_error("SELECT * FROM pg_logical_slot_get_changes('outbox_ext', NULL, NULL)");
+    assert!(err.starts_with("55006"), "{err}");
+    let err = pg.sql_error("SELECT pg_drop_replication_slot('outbox_ext')");
+    assert!(err.starts_with("55006"), "{err}");
+    // A second slot with the extension's plugin cannot be used to read events either: servers
+    // with output_plugin_libraries refuse to create it; older ones refuse to decode with it.
+    match pg.try_sql("SELECT pg_create_logical_replication_slot('intruder', 'outbox_ext')") {
+        Err(e) => assert!(e.contains("may not be used as an output plugin"), "{e}"),
+        Ok(_) => {
+            pg.sql("SELECT outbox.emit('slot', 'k', 'E', '{}')");
+            let err = pg.sql_error("SELECT * FROM pg_logical_slot_get_changes('intruder', NULL, NULL)");
+            assert!(err.contains("only be used by the outbox_ext relay"), "{err}");
+            pg.sql("SELECT pg_drop_replication_slot('intruder')");
+        }
+    }
+    pg.sql("SELECT outbox.emit('slot', 'k', 'E', '{}')");
+    // The owner keeps working.
+    c.until_count(1, DEADLINE);
+    assert_eq!(pg.status("state"), "streaming");
+}

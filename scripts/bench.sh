@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: writer overhead, drain rate, latency and worker memory, in one run against a
 # scratch PostgreSQL 15 cluster and the local dev broker. Prints a table and writes it to
-# bench/results/. Not part of `make test`. About 8 minutes.
+# bench/results/. Not part of `make test`. About 9 minutes.
 #
 #   BENCH_SECONDS   pgbench duration per writer script and round (default 10)
 #   BENCH_ROUNDS    rounds of the writer comparison (default 2)
@@ -67,21 +67,34 @@ wait_state streaming
 idle_mem=$(anon_mb)
 
 # ---------------------------------------------------------------- 1. writer overhead
-echo "==> writer overhead: pgbench -c 4 -j 2 -T $SECONDS_PER_RUN, $ROUNDS rounds"
+# Two modes. "paused": the relay waits (unconfigured, with an event pending), so no WAL is
+# decoded: the cost inside the writer's transaction alone, as in ../shared/bench. "streaming":
+# the relay decodes all WAL and produces every event to the dev broker, which runs on the same
+# 2 cores: the whole system on one small machine.
 declare -A TPS
 SCRIPTS=(business_only table_outbox table_outbox_insert_delete raw_logical_message emit)
-for sync in on off; do
-    set_conf synchronous_commit "$sync"
-    for round in $(seq "$ROUNDS"); do
-        for s in "${SCRIPTS[@]}"; do
-            sql "CHECKPOINT"
-            t=$(pgb -c 4 -j 2 -T "$SECONDS_PER_RUN" -f "$DIR/$s.sql" | awk '/^tps/ {print $3}')
-            TPS[$sync,$s]=$(echo "${TPS[$sync,$s]:-0} + $t / $ROUNDS" | bc -l)
-            printf "    sync=%-3s round %d %-28s %8.0f tps\n" "$sync" "$round" "$s" "$t"
+writer_round() { # mode
+    for sync in on off; do
+        set_conf synchronous_commit "$sync"
+        for round in $(seq "$ROUNDS"); do
+            for s in "${SCRIPTS[@]}"; do
+                sql "CHECKPOINT"
+                t=$(pgb -c 4 -j 2 -T "$SECONDS_PER_RUN" -f "$DIR/$s.sql" | awk '/^tps/ {print $3}')
+                TPS[$1,$sync,$s]=$(echo "${TPS[$1,$sync,$s]:-0} + $t / $ROUNDS" | bc -l)
+                printf "    %-9s sync=%-3s round %d %-28s %8.0f tps\n" "$1" "$sync" "$round" "$s" "$t"
+            done
         done
     done
-done
-set_conf synchronous_commit on
+    set_conf synchronous_commit on
+}
+echo "==> writer overhead: pgbench -c 4 -j 2 -T $SECONDS_PER_RUN, $ROUNDS rounds, relay paused then streaming"
+set_conf outbox.bootstrap_servers ''
+wait_state unconfigured
+sql "SELECT outbox.emit('order', 'pause', 'Pause', '{}')" >/dev/null
+writer_round paused
+set_conf outbox.bootstrap_servers "$BOOTSTRAP"
+wait_state streaming
+writer_round streaming
 
 # ---------------------------------------------------------------- 2. drain rate
 echo "==> drain: $BACKLOG events of ~200 bytes over 1000 keys, emitted with the relay unconfigured"
@@ -143,30 +156,34 @@ streaming_mem=${MEM[10000]}
 field() { echo "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k {print $2}'; }
 
 # ---------------------------------------------------------------- report
-ratio() { echo "${TPS[$1,$2]} / ${TPS[$1,$3]}" | bc -l; }
+ratio() { echo "${TPS[$1,$2,$3]} / ${TPS[$1,$2,$4]}" | bc -l; }
 {
 echo "# outbox_ext benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r); PostgreSQL $(sql 'SHOW server_version'); the relay produces to the dev broker (librdkafka mock cluster, 3 brokers) on loopback."
 echo
-echo "## 1. Writer overhead (pgbench -c 4 -j 2, ${SECONDS_PER_RUN} s × $ROUNDS rounds, mean tps; the relay streaming)"
-echo
-echo "| script | sync on tps | ratio to business_only | sync off tps | ratio to business_only |"
-echo "|---|---|---|---|---|"
-for s in "${SCRIPTS[@]}"; do
-    printf "| %s | %.0f | %.2f | %.0f | %.2f |\n" "$s" "${TPS[on,$s]}" "$(ratio on "$s" business_only)" "${TPS[off,$s]}" "$(ratio off "$s" business_only)"
+echo "## 1. Writer overhead (pgbench -c 4 -j 2, ${SECONDS_PER_RUN} s × $ROUNDS rounds, mean tps)"
+for mode in paused streaming; do
+    echo
+    echo "Relay $mode:"
+    echo
+    echo "| script | sync on tps | ratio to business_only | sync off tps | ratio to business_only |"
+    echo "|---|---|---|---|---|"
+    for s in "${SCRIPTS[@]}"; do
+        printf "| %s | %.0f | %.2f | %.0f | %.2f |\n" "$s" "${TPS[$mode,on,$s]}" "$(ratio $mode on "$s" business_only)" "${TPS[$mode,off,$s]}" "$(ratio $mode off "$s" business_only)"
+    done
 done
 echo
-printf "| target | sync on | sync off |\n|---|---|---|\n"
-printf "| emit ÷ raw_logical_message (≥ 0.95) | %.3f | %.3f |\n" "$(ratio on emit raw_logical_message)" "$(ratio off emit raw_logical_message)"
-printf "| emit ÷ table_outbox (≥ 1.20 sync off) | %.3f | %.3f |\n" "$(ratio on emit table_outbox)" "$(ratio off emit table_outbox)"
+printf "| target | relay paused, sync on | paused, sync off | streaming, sync on | streaming, sync off |\n|---|---|---|---|---|\n"
+printf "| emit ÷ raw_logical_message (≥ 0.95) | %.3f | %.3f | %.3f | %.3f |\n" "$(ratio paused on emit raw_logical_message)" "$(ratio paused off emit raw_logical_message)" "$(ratio streaming on emit raw_logical_message)" "$(ratio streaming off emit raw_logical_message)"
+printf "| emit ÷ table_outbox (≥ 1.20 sync off) | %.3f | %.3f | %.3f | %.3f |\n" "$(ratio paused on emit table_outbox)" "$(ratio paused off emit table_outbox)" "$(ratio streaming on emit table_outbox)" "$(ratio streaming off emit table_outbox)"
 echo
 echo "## 2. Drain rate"
 echo
 printf "%s events (%.0f MB of payload, %s bytes of WAL) emitted with the relay unconfigured, then released: drained in %.2f s = **%.0f events/s**, %.1f MB/s of payload. Peak worker RssAnon while draining: %.1f MB.\n" \
     "$BACKLOG" "$payload_mb" "$backlog_bytes" "$drain_secs" "$drain_rate" "$drain_mbs" "$peak_drain"
 echo
-echo "## 3. Latency (consumer receipt; 20 s of steady load; wal_writer_delay=10ms; linger.ms=5)"
+echo "## 3. Latency (consumer receipt; 20 s of steady load; wal_writer_delay=10ms; linger.ms=1)"
 echo
 echo "| load | synchronous_commit | emit→receipt p50 | p99 | p99.9 | commit→receipt p50 (ms clock) | p99 |"
 echo "|---|---|---|---|---|---|---|"

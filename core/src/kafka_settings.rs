@@ -14,9 +14,14 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     // producer (Debezium, Kafka Connect) would put it.
     ("partitioner", "murmur2_random"),
     // Bound what librdkafka buffers, so that the relay's memory stays flat while it drains a
-    // backlog (librdkafka's default allows about 1 GB).
-    ("queue.buffering.max.kbytes", "65536"),
-    ("linger.ms", "5"),
+    // backlog (librdkafka's default allows about 1 GB). 16 MB in flight still drains more than
+    // 300,000 events/s (BENCHMARKS.md).
+    ("queue.buffering.max.kbytes", "16384"),
+    // librdkafka's per-record overhead (headers, bookkeeping) is not in the kbytes limit: cap
+    // the count too (librdkafka's default is 100,000).
+    ("queue.buffering.max.messages", "20000"),
+    // Batches fill by themselves under load; a short linger keeps an idle relay's latency low.
+    ("linger.ms", "1"),
     // Room for a payload of outbox.max_payload_bytes (1,000,000 by default) plus key and
     // headers, and still within the broker's default message.max.bytes (1,048,588).
     ("message.max.bytes", "1048576"),
@@ -210,7 +215,7 @@ mod tests {
     #[test]
     fn empty_properties_give_defaults() {
         let c = producer_config("b:1", "").unwrap();
-        assert_eq!(get(&c, "queue.buffering.max.kbytes"), Some("65536"));
+        assert_eq!(get(&c, "queue.buffering.max.kbytes"), Some("16384"));
         assert_eq!(parse_properties(" ; ;").unwrap(), vec![]);
         assert_eq!(parse_properties("a"), Err(SettingsError::MissingEquals { index: 1 }));
         assert_eq!(parse_properties("a=1;=2"), Err(SettingsError::EmptyKey { index: 2 }));

@@ -63,9 +63,11 @@ impl EventRouter {
         self.delivered += progress.events_completed;
     }
 
-    /// Serves librdkafka for up to `timeout` and applies every report that arrived.
-    pub fn poll(&mut self, timeout: Duration) {
-        self.producer.poll(timeout);
+    /// Serves librdkafka's callbacks that are ready (without waiting) and applies every report
+    /// that arrived. Callers wait on the worker's latch between polls: rdkafka's own poll with
+    /// a timeout spins on the clock for its last millisecond, which cost most of a core.
+    pub fn poll(&mut self) {
+        self.producer.poll();
         while let Ok(report) = self.producer.reports().try_recv() {
             match report {
                 Report::Delivery { seq, error: None } => {
@@ -132,7 +134,7 @@ impl DecodeSink for EventRouter {
                     // the postmaster's death or a long stall hands control back to the main
                     // loop (which shows the state and rewinds), instead of waiting here for
                     // as long as message.timeout.ms.
-                    self.poll(Duration::from_millis(10));
+                    self.poll();
                     let stalled = self.last_ack.elapsed() > worker::ACK_STALL;
                     if self.halted
                         || stalled

@@ -144,9 +144,10 @@ impl KafkaProducer {
         }
     }
 
-    /// Serves librdkafka's callbacks on this thread for up to `timeout`.
-    pub fn poll(&self, timeout: Duration) {
-        self.producer.poll(timeout);
+    /// Serves librdkafka's callbacks that are ready, on this thread, without waiting.
+    /// (rdkafka's poll with a timeout spins on the clock during its last millisecond.)
+    pub fn poll(&self) {
+        self.producer.poll(Duration::ZERO);
     }
 
     pub fn reports(&self) -> &Receiver<Report> {

@@ -250,13 +250,13 @@ impl Relay {
                 }
                 decoded += 1;
                 if decoded % 256 == 0 {
-                    router.poll(Duration::ZERO);
+                    router.poll();
                     if started.elapsed() > Duration::from_millis(50) {
                         break;
                     }
                 }
             }
-            router.poll(Duration::ZERO);
+            router.poll();
 
             if router.halted {
                 if shutdown_requested() {
@@ -273,15 +273,11 @@ impl Relay {
             }
             if idle {
                 self.idle_streak = self.idle_streak.saturating_add(1);
-                let router = self.router.as_mut().expect("present");
-                if router.tracker.in_flight() > 0 {
-                    // Wait on librdkafka's queue for up to 1 ms.
-                    router.poll(Duration::from_millis(1));
-                } else {
-                    // 1 ms naps keep latency low while events flow; after a second of
-                    // quiet, 10 ms naps keep an idle relay cheap.
-                    sleep(if self.idle_streak < 1000 { Duration::from_millis(1) } else { Duration::from_millis(10) });
-                }
+                let in_flight = self.router.as_ref().is_some_and(|r| r.tracker.in_flight() > 0);
+                // 1 ms naps keep latency low while events flow or await acknowledgement; after
+                // a second of quiet, 10 ms naps keep an idle relay cheap.
+                let nap = if in_flight || self.idle_streak < 1000 { 1 } else { 10 };
+                sleep(Duration::from_millis(nap));
             } else {
                 self.idle_streak = 0;
             }
@@ -404,7 +400,9 @@ impl Relay {
         let Some(router) = self.router.as_mut() else { return };
         let deadline = Instant::now() + timeout;
         while router.tracker.in_flight() > 0 && Instant::now() < deadline {
-            router.poll(Duration::from_millis(10));
+            router.poll();
+            // A plain nap: the latch would return at once on SIGTERM, which is why we drain.
+            std::thread::sleep(Duration::from_millis(1));
         }
         let delivered = router.take_delivered();
         self.status.add_delivered(delivered);

@@ -144,10 +144,17 @@ impl KafkaProducer {
         }
     }
 
-    /// Serves librdkafka's callbacks that are ready, on this thread, without waiting.
-    /// (rdkafka's poll with a timeout spins on the clock during its last millisecond.)
+    /// Serves every librdkafka callback that is ready, on this thread, without waiting.
+    /// rdkafka's poll serves one event per call when given no time (and spins on the clock
+    /// during its last millisecond when given some), so call it until it yields no report.
     pub fn poll(&self) {
-        self.producer.poll(Duration::ZERO);
+        for _ in 0..100_000 {
+            let before = self.reports.len();
+            self.producer.poll(Duration::ZERO);
+            if self.reports.len() == before {
+                break;
+            }
+        }
     }
 
     pub fn reports(&self) -> &Receiver<Report> {

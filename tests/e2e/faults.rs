@@ -6,7 +6,9 @@
 //! the producer was rebuilt), events acknowledged after the confirmed position are sent again,
 //! at most once per rewind; the bound allows one resend of every committed event.
 
-use outbox_tests::{check, streaming_relay, wait_until, Collector, Load, LoadShape, DEADLINE};
+use outbox_tests::{
+    check, streaming_relay, wait_until, Collector, Emitted, Load, LoadShape, MockKafka, PgCluster, DEADLINE,
+};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use std::time::{Duration, Instant};
 
@@ -22,62 +24,91 @@ fn holds_for(what: &str, duration: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// A streaming relay, a consumer of its topic, and a write load that is already running.
+struct Scenario {
+    kafka: MockKafka,
+    pg: PgCluster,
+    consumer: Collector,
+    load: Load,
+    topic: String,
+}
+
+impl Scenario {
+    /// Starts everything for events of `aggregatetype` and lets `warmup` events commit.
+    fn start(aggregatetype: &str, settings: &[(&str, &str)], shape: LoadShape, warmup: usize) -> Scenario {
+        let topic = format!("outbox.event.{aggregatetype}");
+        let (kafka, pg) = streaming_relay(&[&topic], settings);
+        let consumer = Collector::new(&kafka.bootstrap, &[(&topic, 3)]);
+        let load = Load::start(&pg, aggregatetype, shape);
+        load.wait_for_committed(warmup);
+        Scenario { kafka, pg, consumer, load, topic }
+    }
+
+    /// Lets `n` more events commit.
+    fn more(&self, n: usize) {
+        let before = self.load.committed();
+        self.load.wait_for_committed(before + n);
+    }
+
+    /// Stops the load, consumes every committed event, and asserts the checker's verdict.
+    fn finish(mut self, name: &str, bound: Duplicates) -> Emitted {
+        let emitted = self.load.stop();
+        self.consumer.until_all(&emitted, DEADLINE);
+        let max = match bound {
+            Duplicates::None => 0,
+            Duplicates::OneResendEach => emitted.committed.len(),
+        };
+        check(&emitted, &self.consumer.records).assert_ok(name, max);
+        emitted
+    }
+
+    fn all_brokers(&self, up: bool) {
+        for b in BROKERS {
+            if up {
+                self.kafka.cluster.broker_up(b).unwrap();
+            } else {
+                self.kafka.cluster.broker_down(b).unwrap();
+            }
+        }
+    }
+}
+
+/// How many duplicates a scenario may produce.
+enum Duplicates {
+    None,
+    /// Where the relay rewinds: at most one resend of every committed event.
+    OneResendEach,
+}
+
 #[test]
 fn all_brokers_down_for_ten_seconds() {
-    let topic = "outbox.event.down";
-    let (kafka, pg) = streaming_relay(&[topic], &[]);
-    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
-    let load = Load::start(&pg, "down", LoadShape::default());
-    load.wait_for_committed(2000);
-    for b in BROKERS {
-        kafka.cluster.broker_down(b).unwrap();
-    }
-    pg.wait_for_state("kafka_unavailable", DEADLINE);
-    let confirmed = pg.status("confirmed_lsn");
+    let s = Scenario::start("down", &[], LoadShape::default(), 2000);
+    s.all_brokers(false);
+    s.pg.wait_for_state("kafka_unavailable", DEADLINE);
+    let confirmed = s.pg.status("confirmed_lsn");
     holds_for("the slot standing still during the outage", Duration::from_secs(10), || {
-        pg.sql(&format!("SELECT confirmed_lsn = '{confirmed}'::pg_lsn FROM outbox.status()")) == "t"
+        s.pg.sql(&format!("SELECT confirmed_lsn = '{confirmed}'::pg_lsn FROM outbox.status()")) == "t"
     });
-    for b in BROKERS {
-        kafka.cluster.broker_up(b).unwrap();
-    }
-    let before = load.committed();
-    load.wait_for_committed(before + 2000);
-    let emitted = load.stop();
-    c.until_all(&emitted, DEADLINE);
-    check(&emitted, &c.records).assert_ok("brokers down 10 s", emitted.committed.len());
+    s.all_brokers(true);
+    s.more(2000);
+    s.finish("brokers down 10 s", Duplicates::OneResendEach);
 }
 
 #[test]
 fn outage_longer_than_message_timeout_keeps_key_order() {
-    let topic = "outbox.event.timeout";
-    let (kafka, pg) = streaming_relay(&[topic], &[("outbox.kafka_properties", "message.timeout.ms=2000")]);
-    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
-    let load = Load::start(&pg, "timeout", LoadShape::default());
-    load.wait_for_committed(2000);
-    for b in BROKERS {
-        kafka.cluster.broker_down(b).unwrap();
-    }
+    let s = Scenario::start("timeout", &[("outbox.kafka_properties", "message.timeout.ms=2000")], LoadShape::default(), 2000);
+    s.all_brokers(false);
     // Long enough for queued records to time out and the relay to rewind at least once.
-    wait_until("a delivery to time out", DEADLINE, || pg.status("last_error").contains("timed out"));
-    let before = load.committed();
-    load.wait_for_committed(before + 1000);
-    for b in BROKERS {
-        kafka.cluster.broker_up(b).unwrap();
-    }
-    let before = load.committed();
-    load.wait_for_committed(before + 2000);
-    let emitted = load.stop();
-    c.until_all(&emitted, DEADLINE);
-    check(&emitted, &c.records).assert_ok("outage past message.timeout.ms", emitted.committed.len());
+    wait_until("a delivery to time out", DEADLINE, || s.pg.status("last_error").contains("timed out"));
+    s.more(1000);
+    s.all_brokers(true);
+    s.more(2000);
+    s.finish("outage past message.timeout.ms", Duplicates::OneResendEach);
 }
 
 #[test]
 fn retriable_produce_errors_and_disconnects() {
-    let topic = "outbox.event.retry";
-    let (kafka, pg) = streaming_relay(&[topic], &[]);
-    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
-    let load = Load::start(&pg, "retry", LoadShape::default());
-    load.wait_for_committed(1000);
+    let s = Scenario::start("retry", &[], LoadShape::default(), 1000);
     use RDKafkaRespErr::*;
     let errors = [
         RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
@@ -85,112 +116,73 @@ fn retriable_produce_errors_and_disconnects() {
         RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
         RD_KAFKA_RESP_ERR__TRANSPORT,
     ];
-    for round in 0..3 {
-        kafka.cluster.request_errors(RDKafkaApiKey::Produce, &errors.repeat(3));
-        let before = load.committed();
-        load.wait_for_committed(before + 1000);
-        eprintln!("round {round}: pushed {} produce errors", errors.len() * 3);
+    for _ in 0..3 {
+        s.kafka.cluster.request_errors(RDKafkaApiKey::Produce, &errors.repeat(3));
+        s.more(1000);
     }
-    let emitted = load.stop();
-    c.until_all(&emitted, DEADLINE);
-    check(&emitted, &c.records).assert_ok("retriable produce errors", emitted.committed.len());
+    s.finish("retriable produce errors", Duplicates::OneResendEach);
 }
 
 #[test]
 fn round_trip_longer_than_request_timeout() {
-    let topic = "outbox.event.slow";
-    let (kafka, pg) = streaming_relay(&[topic], &[("outbox.kafka_properties", "request.timeout.ms=1000")]);
-    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
-    let load = Load::start(&pg, "slow", LoadShape::default());
-    load.wait_for_committed(1000);
+    let s = Scenario::start("slow", &[("outbox.kafka_properties", "request.timeout.ms=1000")], LoadShape::default(), 1000);
     for b in BROKERS {
-        kafka.cluster.broker_round_trip_time(b, Duration::from_millis(1500)).unwrap();
+        s.kafka.cluster.broker_round_trip_time(b, Duration::from_millis(1500)).unwrap();
     }
-    let before = load.committed();
-    load.wait_for_committed(before + 1000);
+    s.more(1000);
     for b in BROKERS {
-        kafka.cluster.broker_round_trip_time(b, Duration::ZERO).unwrap();
+        s.kafka.cluster.broker_round_trip_time(b, Duration::ZERO).unwrap();
     }
-    let before = load.committed();
-    load.wait_for_committed(before + 1000);
-    let emitted = load.stop();
-    c.until_all(&emitted, DEADLINE);
-    check(&emitted, &c.records).assert_ok("round trip > request.timeout.ms", emitted.committed.len());
+    s.more(1000);
+    s.finish("round trip > request.timeout.ms", Duplicates::OneResendEach);
 }
 
 #[test]
 fn partition_leaders_move_and_one_partition_has_none_for_twenty_seconds() {
-    let topic = "outbox.event.leader";
-    let (kafka, pg) = streaming_relay(&[topic], &[]);
-    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
-    let load = Load::start(&pg, "leader", LoadShape::default());
-    load.wait_for_committed(1000);
+    let s = Scenario::start("leader", &[], LoadShape::default(), 1000);
+    let mock = &s.kafka.cluster;
     // Leaders move mid-stream.
-    kafka.cluster.partition_leader(topic, 0, Some(2)).unwrap();
-    kafka.cluster.partition_leader(topic, 1, Some(1)).unwrap();
-    kafka.cluster.partition_leader(topic, 2, Some(3)).unwrap();
-    let before = load.committed();
-    load.wait_for_committed(before + 1000);
+    mock.partition_leader(&s.topic, 0, Some(2)).unwrap();
+    mock.partition_leader(&s.topic, 1, Some(1)).unwrap();
+    mock.partition_leader(&s.topic, 2, Some(3)).unwrap();
+    s.more(1000);
     // Partition 2 has no reachable leader for 20 s: its leader's broker is down. (The mock
     // cluster crashes on a leader of -1, so "no leader" is a leader that does not answer.)
-    kafka.cluster.broker_down(3).unwrap();
+    mock.broker_down(3).unwrap();
     let leaderless_until = Instant::now() + Duration::from_secs(20);
     wait_until("20 s without a leader", Duration::from_secs(30), || Instant::now() >= leaderless_until);
-    kafka.cluster.partition_leader(topic, 2, Some(1)).unwrap();
-    kafka.cluster.broker_up(3).unwrap();
-    let before = load.committed();
-    load.wait_for_committed(before + 1000);
-    let emitted = load.stop();
-    c.until_all(&emitted, DEADLINE);
-    check(&emitted, &c.records).assert_ok("leader moves, 20 s leaderless", emitted.committed.len());
+    mock.partition_leader(&s.topic, 2, Some(1)).unwrap();
+    mock.broker_up(3).unwrap();
+    s.more(1000);
+    s.finish("leader moves, 20 s leaderless", Duplicates::OneResendEach);
 }
 
 #[test]
 fn fatal_idempotence_error_rebuilds_the_producer() {
-    let topic = "outbox.event.fatal";
-    let (kafka, pg) = streaming_relay(&[topic], &[]);
-    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
-    let load = Load::start(&pg, "fatal", LoadShape::default());
-    load.wait_for_committed(1000);
-    kafka.cluster.request_errors(
+    let s = Scenario::start("fatal", &[], LoadShape::default(), 1000);
+    s.kafka.cluster.request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
     );
-    wait_until("the relay to report the fatal error", DEADLINE, || !pg.status("last_error").is_empty());
-    let before = load.committed();
-    load.wait_for_committed(before + 2000);
-    let emitted = load.stop();
-    c.until_all(&emitted, DEADLINE);
-    check(&emitted, &c.records).assert_ok("fatal producer error", emitted.committed.len());
+    wait_until("the relay to report the fatal error", DEADLINE, || !s.pg.status("last_error").is_empty());
+    s.more(2000);
+    s.finish("fatal producer error", Duplicates::OneResendEach);
 }
 
 #[test]
 fn sixteen_writers_with_rollbacks_and_savepoint_rollbacks() {
-    let topic = "outbox.event.many";
-    let (kafka, pg) = streaming_relay(&[topic], &[("max_connections", "50")]);
-    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
     let shape = LoadShape { writers: 16, batch: 10, keys: 5, rollback_every: 4, savepoint_every: 3 };
-    let load = Load::start(&pg, "many", shape);
-    load.wait_for_committed(5000);
-    let emitted = load.stop();
+    let s = Scenario::start("many", &[("max_connections", "50")], shape, 5000);
+    let emitted = s.finish("16 writers with rollbacks", Duplicates::None);
     assert!(!emitted.rolled_back.is_empty());
-    c.until_all(&emitted, DEADLINE);
-    check(&emitted, &c.records).assert_ok("16 writers with rollbacks", 0);
 }
 
 #[test]
 fn sighup_with_new_bootstrap_servers_while_streaming() {
-    let topic = "outbox.event.hup";
-    let (kafka, pg) = streaming_relay(&[topic], &[]);
-    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
-    let load = Load::start(&pg, "hup", LoadShape::default());
-    load.wait_for_committed(2000);
+    let s = Scenario::start("hup", &[], LoadShape::default(), 2000);
     // The same brokers listed the other way round: a new producer, nothing else changes.
-    let reversed: Vec<&str> = kafka.bootstrap.split(',').rev().collect();
-    pg.set("outbox.bootstrap_servers", &reversed.join(","));
-    let before = load.committed();
-    load.wait_for_committed(before + 2000);
-    let emitted = load.stop();
-    c.until_all(&emitted, DEADLINE);
-    check(&emitted, &c.records).assert_ok("SIGHUP new bootstrap_servers", emitted.committed.len());
+    let reversed: Vec<&str> = s.kafka.bootstrap.split(',').rev().collect();
+    s.pg.set("outbox.bootstrap_servers", &reversed.join(","));
+    s.more(2000);
+    s.finish("SIGHUP new bootstrap_servers", Duplicates::OneResendEach);
 }

@@ -127,23 +127,8 @@ impl PgCluster {
         commit: bool,
     ) -> Vec<(String, String)> {
         let end = if commit { "COMMIT" } else { "ROLLBACK" };
-        let out = self.sql(&format!(
-            "BEGIN;
-             SELECT string_agg(id::text || ' ' || k, ',' ORDER BY i) FROM (
-               SELECT i, '{prefix}' || (i % {keys}) AS k,
-                      outbox.emit('{aggregatetype}', '{prefix}' || (i % {keys}), 'E', jsonb_build_object('seq', i)) AS id
-               FROM generate_series({from}, {}) AS i) s;
-             {end};",
-            from + count - 1
-        ));
-        out.trim()
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(|pair| {
-                let (id, key) = pair.split_once(' ').expect("id key");
-                (id.to_string(), key.to_string())
-            })
-            .collect()
+        let select = crate::load::select_ids(aggregatetype, prefix, keys, from, from + count - 1);
+        crate::load::parse_ids(&self.sql(&format!("BEGIN;\n{select}\n{end};")))
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -192,7 +177,15 @@ impl PgCluster {
     /// otherwise). Returns stdout (unaligned, tuples only) or stderr.
     fn psql(&self, script: &str) -> Output {
         use std::io::Write;
-        let mut child = Command::new("psql")
+        let mut child = self.psql_process();
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// psql on this database, reading SQL from a pipe: unaligned, tuples only, stops at the
+    /// first error.
+    fn psql_process(&self) -> std::process::Child {
+        Command::new("psql")
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
             .arg("-h")
             .arg(&self.dir)
@@ -205,9 +198,7 @@ impl PgCluster {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .expect("psql runs");
-        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-        child.wait_with_output().unwrap()
+            .expect("psql runs")
     }
 
     pub fn try_sql(&self, sql: &str) -> Result<String, String> {
@@ -292,20 +283,7 @@ impl Session {
 impl PgCluster {
     /// Starts a psql session that runs what `Session::send` gives it.
     pub fn session(&self) -> Session {
-        let child = Command::new("psql")
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
-            .arg("-h")
-            .arg(&self.dir)
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-d")
-            .arg(&self.database)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("psql runs");
-        Session { child }
+        Session { child: self.psql_process() }
     }
 }
 

@@ -32,7 +32,8 @@ impl Default for LoadShape {
     }
 }
 
-fn parse_ids(line: &str) -> Vec<(String, String)> {
+/// Parses `id key,id key,...` as printed by the query of [`select_ids`].
+pub fn parse_ids(line: &str) -> Vec<(String, String)> {
     line.trim()
         .split(',')
         .filter(|s| !s.is_empty())
@@ -43,7 +44,9 @@ fn parse_ids(line: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn select_ids(aggregatetype: &str, prefix: &str, keys: i64, from: i64, to: i64) -> String {
+/// One query that emits seq `from..=to` over keys `{prefix}{seq % keys}` and prints the
+/// ids with their keys, in emit order.
+pub fn select_ids(aggregatetype: &str, prefix: &str, keys: i64, from: i64, to: i64) -> String {
     format!(
         "SELECT string_agg(id::text || ' ' || k, ',' ORDER BY i) FROM (
            SELECT i, '{prefix}' || (i % {keys}) AS k,

@@ -66,7 +66,14 @@ fn emit(
 
     let slot = gucs::slot_name();
     match ffi::check_slot(&slot) {
-        SlotCheck::Ready => {}
+        SlotCheck::Ready { confirmed_flush } => {
+            if let Some(max) = gucs::max_pending_bytes() {
+                let pending = ffi::flush_lsn().saturating_sub(confirmed_flush);
+                if pending > max {
+                    raise(OutboxError::TooMuchPending { pending, max });
+                }
+            }
+        }
         SlotCheck::Missing => raise(OutboxError::SlotMissing { slot }),
         SlotCheck::OtherDatabase => raise(OutboxError::SlotInOtherDatabase { slot }),
         SlotCheck::Invalidated => raise(OutboxError::SlotInvalidated { slot }),

@@ -14,6 +14,7 @@ fn error_code(state: SqlState) -> PgSqlErrorCode {
         SqlState::ObjectNotInPrerequisiteState => {
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
         }
+        SqlState::ConfigurationLimitExceeded => PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
     }
 }
 

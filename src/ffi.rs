@@ -145,7 +145,8 @@ pub enum SlotCheck {
     Missing,
     OtherDatabase,
     Invalidated,
-    Ready,
+    /// Ready; the slot's confirmed position.
+    Ready { confirmed_flush: u64 },
 }
 
 /// Looks the slot up in shared memory. Cheap: one shared LWLock and a scan of
@@ -169,6 +170,7 @@ pub fn check_slot(name: &str) -> SlotCheck {
         let database = std::ptr::addr_of!((*data).database).read_volatile();
         let invalidated_at = std::ptr::addr_of!((*data).invalidated_at).read_volatile();
         let restart_lsn = std::ptr::addr_of!((*data).restart_lsn).read_volatile();
+        let confirmed_flush = std::ptr::addr_of!((*data).confirmed_flush).read_volatile();
         if persistency != pg_sys::ReplicationSlotPersistency::RS_PERSISTENT {
             return SlotCheck::Missing;
         }
@@ -178,7 +180,7 @@ pub fn check_slot(name: &str) -> SlotCheck {
         if invalidated_at != 0 || restart_lsn == 0 {
             return SlotCheck::Invalidated;
         }
-        SlotCheck::Ready
+        SlotCheck::Ready { confirmed_flush }
     }
 }
 

@@ -17,6 +17,7 @@ static TOPIC_GUC: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"outbox.event.{aggregatetype}"));
 static KAFKA_PROPERTIES_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 static MAX_PAYLOAD_BYTES_GUC: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
+static MAX_PENDING_MB_GUC: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 /// Registers the settings and reserves the `outbox` prefix, so a typo such as
 /// `outbox.bootstrap_server` is reported instead of silently ignored. Only called while the
@@ -73,6 +74,16 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::UNIT_BYTE,
     );
+    GucRegistry::define_int_guc(
+        c"outbox.max_pending_bytes",
+        c"outbox.emit() fails while the relay has more WAL than this still to get through (0: no limit).",
+        c"Back-pressure on writers during a Kafka outage, before the slot fills the disk.",
+        &MAX_PENDING_MB_GUC,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
+    );
     crate::ffi::reserve_guc_prefix("outbox");
 }
 
@@ -99,6 +110,12 @@ pub fn topic_template() -> String {
 /// May contain secrets: never log or display it.
 pub fn kafka_properties() -> String {
     string(&KAFKA_PROPERTIES_GUC)
+}
+
+/// The pending-WAL limit in bytes, or None when off.
+pub fn max_pending_bytes() -> Option<u64> {
+    let mb = MAX_PENDING_MB_GUC.get();
+    (mb > 0).then(|| mb as u64 * 1024 * 1024)
 }
 
 pub fn max_payload_bytes() -> usize {

@@ -23,7 +23,7 @@ mod tests {
     /// The relay worker creates its slot shortly after the server starts.
     fn wait_for_slot() {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while crate::ffi::check_slot(&crate::gucs::slot_name()) != crate::ffi::SlotCheck::Ready {
+        while !matches!(crate::ffi::check_slot(&crate::gucs::slot_name()), crate::ffi::SlotCheck::Ready { .. }) {
             assert!(Instant::now() < deadline, "the relay did not create its slot");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -126,6 +126,7 @@ mod tests {
             ("outbox.slot_name", "postmaster", "outbox_ext"),
             ("outbox.topic", "sighup", "outbox.event.{aggregatetype}"),
             ("outbox.max_payload_bytes", "superuser", "1000000"),
+            ("outbox.max_pending_bytes", "sighup", "0"),
         ];
         for (name, context, setting) in rows {
             let got = Spi::get_two_with_args::<String, String>(

@@ -16,6 +16,8 @@ pub enum SqlState {
     ProgramLimitExceeded,
     /// 55000 object_not_in_prerequisite_state
     ObjectNotInPrerequisiteState,
+    /// 53400 configuration_limit_exceeded
+    ConfigurationLimitExceeded,
 }
 
 impl SqlState {
@@ -25,6 +27,7 @@ impl SqlState {
             SqlState::InvalidParameterValue => "22023",
             SqlState::ProgramLimitExceeded => "54000",
             SqlState::ObjectNotInPrerequisiteState => "55000",
+            SqlState::ConfigurationLimitExceeded => "53400",
         }
     }
 }
@@ -53,6 +56,8 @@ pub enum OutboxError {
     SlotInOtherDatabase { slot: String },
     /// The slot was invalidated (WAL it needed was removed).
     SlotInvalidated { slot: String },
+    /// The relay has more WAL to get through than `outbox.max_pending_bytes` allows.
+    TooMuchPending { pending: u64, max: u64 },
 }
 
 impl OutboxError {
@@ -69,6 +74,7 @@ impl OutboxError {
             | SlotMissing { .. }
             | SlotInOtherDatabase { .. }
             | SlotInvalidated { .. } => SqlState::ObjectNotInPrerequisiteState,
+            TooMuchPending { .. } => SqlState::ConfigurationLimitExceeded,
         }
     }
 
@@ -93,6 +99,10 @@ impl OutboxError {
             ),
             SlotInvalidated { .. } => Some(
                 "The slot lost WAL it needed; see outbox.status() and the README section on slot invalidation."
+                    .into(),
+            ),
+            TooMuchPending { .. } => Some(
+                "The relay is behind (see outbox.status(): state, last_error, pending_bytes); events can be emitted again once it catches up, or raise outbox.max_pending_bytes."
                     .into(),
             ),
             PayloadTooLarge { .. } => {
@@ -139,6 +149,10 @@ impl fmt::Display for OutboxError {
             SlotInvalidated { slot } => {
                 write!(f, "outbox_ext: replication slot \"{slot}\" has been invalidated")
             }
+            TooMuchPending { pending, max } => write!(
+                f,
+                "outbox_ext: the relay has {pending} bytes of WAL still to deliver, more than outbox.max_pending_bytes ({max})"
+            ),
         }
     }
 }
@@ -176,6 +190,7 @@ mod tests {
             OutboxError::SlotMissing { slot: "s".into() },
             OutboxError::SlotInOtherDatabase { slot: "s".into() },
             OutboxError::SlotInvalidated { slot: "s".into() },
+            OutboxError::TooMuchPending { pending: 2, max: 1 },
         ];
         for e in all {
             assert_eq!(e.sqlstate().code().len(), 5, "{e}");

@@ -177,3 +177,42 @@ fn a_clean_restart_resends_nothing() {
     });
     assert_eq!(assert_complete(&c, 2100), 0, "duplicates after a clean restart");
 }
+
+#[test]
+fn max_pending_bytes_pushes_back_on_writers_until_the_relay_catches_up() {
+    let kafka = MockKafka::start(3);
+    kafka.create_topic("outbox.event.pressure", 3);
+    // No Kafka yet: events wait in WAL.
+    let pg = PgCluster::start(&[("outbox.max_pending_bytes", "1MB")]);
+    pg.wait_for_state("unconfigured", DEADLINE);
+    let mut emitted = outbox_tests::Emitted::default();
+    let mut refused = None;
+    for batch in 0..100 {
+        let sql = outbox_tests::load::select_ids("pressure", "k", 10, batch * 1000, batch * 1000 + 999);
+        match pg.try_sql(&sql) {
+            Ok(out) => {
+                for (id, key) in outbox_tests::load::parse_ids(&out) {
+                    emitted.commit(id, key);
+                }
+            }
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let err = refused.expect("emit refused once more than 1 MB is pending");
+    assert!(err.contains("max_pending_bytes"), "{err}");
+    assert!(pg.sql_error(&outbox_tests::load::select_ids("pressure", "k", 10, 0, 0)).starts_with("53400"));
+    let pending: i64 = pg.status("pending_bytes").parse().unwrap();
+    assert!(pending > 1024 * 1024, "pending_bytes {pending}");
+    // Kafka comes back: the relay drains, and writers can emit again.
+    pg.set("outbox.bootstrap_servers", &kafka.bootstrap);
+    wait_until("emit to be accepted again", DEADLINE, || {
+        pg.try_sql("SELECT outbox.emit('pressure', 'after', 'E', '{\"seq\": -1}')").is_ok()
+    });
+    let mut c = Collector::new(&kafka.bootstrap, &[("outbox.event.pressure", 3)]);
+    c.until_all(&emitted, DEADLINE);
+    c.records.retain(|r| r.key.as_deref() != Some("after"));
+    outbox_tests::check(&emitted, &c.records).assert_ok("max_pending_bytes", 0);
+}

@@ -32,24 +32,13 @@ trap cleanup EXIT
 rm -rf "$DIR" && mkdir -p "$DIR" && cp "$SHARED"/*.sql bench/*.sql "$DIR"/
 is_root && chown -R postgres:postgres "$DIR"
 
-"$BIN/outbox-dev-broker" --brokers 3 --topic outbox.event.order:3 --topic outbox.event.bench:3 \
-    --topic outbox.event.latency:3 --bootstrap-file "$DIR/bootstrap" >/dev/null &
-BROKER_PID=$!
-for _ in $(seq 100); do [ -s "$DIR/bootstrap" ] && break; sleep 0.1; done
-BOOTSTRAP=$(cat "$DIR/bootstrap")
+start_dev_broker "$BIN" "$DIR" outbox.event.order:3 outbox.event.bench:3 outbox.event.latency:3
 
-as_pg "$PG_BIN/initdb" -U postgres --auth=trust --encoding=UTF8 --locale=C -D "$DIR/data" >/dev/null
-cat >> "$DIR/data/postgresql.conf" <<CONF
-listen_addresses = ''
-port = $PORT
-unix_socket_directories = '$DIR'
-wal_level = logical
-shared_preload_libraries = 'outbox_ext'
+start_scratch_cluster "$DIR" "$PORT" <<CONF
 shared_buffers = '512MB'
 max_wal_size = '8GB'
 outbox.bootstrap_servers = '$BOOTSTRAP'
 CONF
-as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
 
 sql() { psql -X -A -t -q -v ON_ERROR_STOP=1 -U postgres -h "$DIR" -p "$PORT" -d postgres -c "$1"; }
 status() { sql "SELECT $1 FROM outbox.status()"; }

@@ -18,3 +18,28 @@ install_extension() {
         cargo pgrx install --sudo --pg-config "$PG_CONFIG" "$@"
     fi
 }
+
+# Starts outbox-dev-broker from $1 (a build directory) with 3 brokers and topics $3... (NAME:PARTITIONS),
+# writing its bootstrap list to $2/bootstrap. Sets BROKER_PID and BOOTSTRAP.
+start_dev_broker() {
+    local bin=$1 dir=$2; shift 2
+    local topics=()
+    for t in "$@"; do topics+=(--topic "$t"); done
+    "$bin/outbox-dev-broker" --brokers 3 "${topics[@]}" --bootstrap-file "$dir/bootstrap" >/dev/null &
+    BROKER_PID=$!
+    for _ in $(seq 100); do [ -s "$dir/bootstrap" ] && break; sleep 0.1; done
+    BOOTSTRAP=$(cat "$dir/bootstrap")
+}
+
+# initdb and start a scratch cluster in $1/data on port $2 (socket in $1), preloading outbox_ext
+# with wal_level=logical; further postgresql.conf lines come on stdin.
+start_scratch_cluster() {
+    local dir=$1 port=$2
+    as_pg "$PG_BIN/initdb" -U postgres --auth=trust --encoding=UTF8 --locale=C -D "$dir/data" >/dev/null
+    {
+        printf "listen_addresses = ''\nport = %s\nunix_socket_directories = '%s'\n" "$port" "$dir"
+        printf "wal_level = logical\nshared_preload_libraries = 'outbox_ext'\n"
+        cat
+    } >> "$dir/data/postgresql.conf"
+    as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+}

@@ -28,25 +28,14 @@ rm -rf "$DEMO_DIR" && mkdir -p "$DEMO_DIR"
 is_root && chown postgres:postgres "$DEMO_DIR"
 
 echo "==> starting the dev broker (3 mock brokers, in memory)"
-"$BIN/outbox-dev-broker" --brokers 3 --topic outbox.event.order:3 --topic outbox.event.customer:3 \
-    --bootstrap-file "$DEMO_DIR/bootstrap" >/dev/null &
-BROKER_PID=$!
-for _ in $(seq 100); do [ -s "$DEMO_DIR/bootstrap" ] && break; sleep 0.1; done
-BOOTSTRAP=$(cat "$DEMO_DIR/bootstrap")
+start_dev_broker "$BIN" "$DEMO_DIR" outbox.event.order:3 outbox.event.customer:3
 echo "    bootstrap servers: $BOOTSTRAP"
 
 echo "==> starting PostgreSQL 15 in $DEMO_DIR (port $PORT)"
-as_pg "$PG_BIN/initdb" -U postgres --auth=trust --encoding=UTF8 --locale=C -D "$DEMO_DIR/data" >/dev/null
-cat >> "$DEMO_DIR/data/postgresql.conf" <<CONF
-listen_addresses = ''
-port = $PORT
-unix_socket_directories = '$DEMO_DIR'
-wal_level = logical
-shared_preload_libraries = 'outbox_ext'
+start_scratch_cluster "$DEMO_DIR" "$PORT" <<CONF
 outbox.bootstrap_servers = '$BOOTSTRAP'
 outbox.database = 'postgres'
 CONF
-as_pg "$PG_BIN/pg_ctl" -D "$DEMO_DIR/data" -l "$DEMO_DIR/server.log" -w start >/dev/null
 
 psql_demo() { psql -X -q -v ON_ERROR_STOP=1 -U postgres -h "$DEMO_DIR" -p "$PORT" -d postgres "$@"; }
 

@@ -22,8 +22,12 @@ pub enum RelayState {
     KafkaUnavailable = 4,
     /// The Kafka settings are invalid (see last_error); the worker waits for a reload.
     ConfigError = 5,
-    /// The slot cannot be used: held by another process, or made by another plugin.
+    /// The slot cannot be used: held by another process, made by another plugin, invalidated
+    /// or dropped.
     SlotError = 6,
+    /// Kafka refused an event for good (unknown topic, not authorized, too large): the relay
+    /// stopped at it and waits for an operator (`outbox.resume()` or a reload).
+    DeliveryError = 7,
 }
 
 impl RelayState {
@@ -36,6 +40,7 @@ impl RelayState {
             RelayState::KafkaUnavailable => "kafka_unavailable",
             RelayState::ConfigError => "config_error",
             RelayState::SlotError => "slot_error",
+            RelayState::DeliveryError => "delivery_error",
         }
     }
 
@@ -47,6 +52,7 @@ impl RelayState {
             4 => RelayState::KafkaUnavailable,
             5 => RelayState::ConfigError,
             6 => RelayState::SlotError,
+            7 => RelayState::DeliveryError,
             _ => RelayState::Stopped,
         }
     }
@@ -64,6 +70,8 @@ pub struct RelayStatus {
     last_error: [u8; ERROR_CAPACITY],
     last_error_at: i64,
     last_delivery_at: i64,
+    /// Bumped by `outbox.resume()`; the worker compares it with the value it saw when it stopped.
+    resume_requests: u64,
 }
 
 impl Default for RelayStatus {
@@ -76,6 +84,7 @@ impl Default for RelayStatus {
             last_error: [0; ERROR_CAPACITY],
             last_error_at: NO_TIME,
             last_delivery_at: NO_TIME,
+            resume_requests: 0,
         }
     }
 }
@@ -139,6 +148,11 @@ impl StatusWriter {
         }
     }
 
+    /// How many times `outbox.resume()` was called.
+    pub fn resume_requests(&self) -> u64 {
+        STATUS.share().resume_requests
+    }
+
     pub fn detach(&mut self) {
         let mut s = STATUS.exclusive();
         s.worker_pid = 0;
@@ -190,6 +204,25 @@ fn relay_status() -> TableIterator<
         timestamp(s.last_delivery_at),
     ))
 }
+
+/// Asks a relay stopped on a delivery error to try again. Returns whether it was stopped.
+#[pg_extern(name = "resume", volatile, parallel_unsafe)]
+fn resume() -> bool {
+    crate::error::OrRaise::or_raise(crate::readiness::check_preloaded());
+    let mut s = STATUS.exclusive();
+    s.resume_requests += 1;
+    s.state == RelayState::DeliveryError as u8
+}
+
+pgrx::extension_sql!(
+    r#"
+REVOKE ALL ON FUNCTION @extschema@.resume() FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.resume() IS
+    'Makes a relay that stopped on a permanent delivery error (state delivery_error) try again from its slot.';
+"#,
+    name = "resume_grants",
+    requires = [resume]
+);
 
 pgrx::extension_sql!(
     r#"

@@ -2,7 +2,7 @@
 //! of every committed transaction, in commit order; the router decodes the wire format, picks
 //! the topic and hands the record to the producer, registering it with the delivery tracker.
 
-use super::produce::{KafkaProducer, QueueFull, Report};
+use super::produce::{Failure, KafkaProducer, QueueFull, Report};
 use super::worker;
 use crate::ffi::{DecodeSink, TxnInfo};
 use outbox_core::event;
@@ -24,6 +24,8 @@ pub struct EventRouter {
     pub last_error: Option<String>,
     /// A delivery failed or the worker must stop: produce nothing more until a rewind.
     pub halted: bool,
+    /// The first failure that no retry can fix: the relay stops until an operator acts.
+    pub permanent: Option<String>,
     /// When Kafka last acknowledged something (or the router was made).
     pub last_ack: Instant,
     /// Client-level errors (broker down) since the last acknowledgement.
@@ -42,6 +44,7 @@ impl EventRouter {
             delivered: 0,
             last_error: None,
             halted: false,
+            permanent: None,
             last_ack: Instant::now(),
             broker_trouble: false,
             foreign_messages: 0,
@@ -76,21 +79,32 @@ impl EventRouter {
                     let p = self.tracker.delivered(seq, true);
                     self.record(p);
                 }
-                Report::Delivery { seq, error: Some(e) } => {
+                Report::Delivery { seq, error: Some(failure) } => {
                     self.tracker.delivered(seq, false);
-                    self.last_error = Some(e);
-                    self.halted = true;
+                    self.fail(failure);
                 }
-                Report::Client { message, fatal } => {
+                Report::Client { message } => {
                     self.last_error = Some(message);
                     self.broker_trouble = true;
-                    if fatal {
-                        // The idempotent producer cannot go on; the rewind rebuilds it.
-                        self.halted = true;
-                    }
                 }
             }
         }
+        if !self.halted {
+            if let Some(fatal) = self.producer.fatal_error() {
+                // The idempotent producer cannot go on; the rewind rebuilds it.
+                self.last_error = Some(fatal);
+                self.halted = true;
+            }
+        }
+    }
+
+    /// Stops producing after a failed record; a permanent failure is kept (the first one).
+    fn fail(&mut self, failure: Failure) {
+        if failure.permanent && self.permanent.is_none() {
+            self.permanent = Some(failure.message.clone());
+        }
+        self.last_error = Some(failure.message);
+        self.halted = true;
     }
 
     /// Events newly acknowledged since the last call.
@@ -150,9 +164,10 @@ impl DecodeSink for EventRouter {
                     }
                 }
                 Err(Err(e)) => {
+                    // Refused before it left: too large for message.max.bytes, a topic known
+                    // not to exist, or a producer in a fatal state.
                     self.tracker.delivered(seq, false);
-                    self.last_error = Some(format!("could not produce to topic {topic}: {e}"));
-                    self.halted = true;
+                    self.fail(Failure::of(&id, &topic, &e));
                     return;
                 }
             }

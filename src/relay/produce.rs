@@ -15,9 +15,9 @@ use std::time::Duration;
 #[derive(Debug)]
 pub enum Report {
     /// The record registered under `seq` was acknowledged (`error` is None) or failed.
-    Delivery { seq: TxnSeq, error: Option<String> },
+    Delivery { seq: TxnSeq, error: Option<Failure> },
     /// A client-level error (all brokers down, authentication, fatal idempotence error).
-    Client { message: String, fatal: bool },
+    Client { message: String },
 }
 
 struct RelayContext {
@@ -60,9 +60,10 @@ impl ClientContext for RelayContext {
         // and errors reach the relay through `error` and delivery reports.
     }
 
-    fn error(&self, error: KafkaError, reason: &str) {
-        let fatal = matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
-        let _ = self.reports.send(Report::Client { message: self.redact(reason), fatal });
+    fn error(&self, _error: KafkaError, reason: &str) {
+        // A fatal error arrives here with its underlying code; `KafkaProducer::fatal_error`
+        // is how the relay tells it apart.
+        let _ = self.reports.send(Report::Client { message: self.redact(reason) });
     }
 }
 
@@ -72,10 +73,64 @@ impl ProducerContext for RelayContext {
     fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
         let error = match result {
             Ok(_) => None,
-            Err((e, m)) => Some(self.redact(&format!("{} (topic {})", e, m.topic()))),
+            Err((e, m)) => {
+                let mut failure = Failure::of(&event_id(m).unwrap_or_else(|| "?".into()), m.topic(), e);
+                failure.message = self.redact(&failure.message);
+                Some(failure)
+            }
         };
         let _ = self.reports.send(Report::Delivery { seq: seq as TxnSeq, error });
     }
+}
+
+/// Why Kafka did not take a record.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// What happened, naming the event and topic, with secret values cut out.
+    pub message: String,
+    /// No retry can succeed (see [`is_permanent`]): the relay stops until an operator acts.
+    pub permanent: bool,
+}
+
+impl Failure {
+    /// Kafka refused event `id` for `topic` with `error`.
+    pub fn of(id: &str, topic: &str, error: &KafkaError) -> Failure {
+        let code = error.rdkafka_error_code();
+        let reason = code.map(|c| c.to_string()).unwrap_or_else(|| error.to_string());
+        Failure { message: format!("event {id} to topic {topic}: {reason}"), permanent: code.is_some_and(is_permanent) }
+    }
+}
+
+/// Errors for one record that resending the same bytes to the same cluster cannot fix: the
+/// topic does not exist or may not be written, the record is too large or malformed, or the
+/// broker's policy refuses it. Everything else (timeouts, leader changes, disconnects, a
+/// fatal idempotence error) is retried by rewinding.
+pub fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        UnknownTopicOrPartition
+            | UnknownTopic
+            | UnknownPartition
+            | InvalidTopic
+            | TopicAuthorizationFailed
+            | ClusterAuthorizationFailed
+            | MessageSizeTooLarge
+            | MessageBatchTooLarge
+            | InvalidRecord
+            | InvalidTimestamp
+            | InvalidRequiredAcks
+            | PolicyViolation
+            | UnsupportedForMessageFormat
+            | InvalidArgument
+    )
+}
+
+/// The event id a record carries in its `id` header, if any.
+fn event_id<M: Message>(message: &M) -> Option<String> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers.iter().find(|h| h.key == "id").and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// Why a producer could not be made.
@@ -127,7 +182,7 @@ impl KafkaProducer {
         headers: &[(&str, &str)],
         timestamp_ms: i64,
         seq: TxnSeq,
-    ) -> Result<(), Result<QueueFull, String>> {
+    ) -> Result<(), Result<QueueFull, KafkaError>> {
         let mut h = OwnedHeaders::new_with_capacity(headers.len());
         for (k, v) in headers {
             h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
@@ -140,7 +195,7 @@ impl KafkaProducer {
         match self.producer.send(record) {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(Ok(QueueFull)),
-            Err((e, _)) => Err(Err(e.to_string())),
+            Err((e, _)) => Err(Err(e)),
         }
     }
 
@@ -155,6 +210,12 @@ impl KafkaProducer {
                 break;
             }
         }
+    }
+
+    /// The fatal error this producer hit, if any: it cannot produce again and must be rebuilt.
+    pub fn fatal_error(&self) -> Option<String> {
+        let (code, reason) = self.producer.client().fatal_error()?;
+        Some(format!("fatal producer error ({code}): {}", self.producer.context().redact(&reason)))
     }
 
     pub fn reports(&self) -> &Receiver<Report> {

@@ -2,13 +2,15 @@
 //!
 //! ```text
 //! starting ─▶ unconfigured ◀─▶ streaming ◀─▶ kafka_unavailable
-//!                  │               │
-//!                  └─ config_error ┘          (stopped when the worker is not running)
+//!                  │               │   ▲
+//!                  └─ config_error ┘   └──▶ delivery_error   (stopped: no worker running)
 //! ```
 //!
 //! Every Postgres call happens on this thread. On a failed delivery the worker *rewinds*: it
 //! drops the producer and the decoding context, waits with exponential backoff, and decodes
-//! again from the slot's confirmed position, which never passed an unacknowledged event.
+//! again from the slot's confirmed position, which never passed an unacknowledged event. A
+//! failure that no retry can fix (see `produce::is_permanent`) stops the relay at that event
+//! instead (`delivery_error`) until an operator calls `outbox.resume()` or reloads.
 
 use super::decode::EventRouter;
 use super::produce::KafkaProducer;
@@ -196,6 +198,8 @@ struct Relay {
     waiting_at_event: bool,
     /// Consecutive loop iterations that found no WAL to decode.
     idle_streak: u32,
+    /// Stopped on a permanent delivery error: the `outbox.resume()` count seen at that moment.
+    stopped_at_resume: Option<u64>,
 }
 
 impl Relay {
@@ -209,6 +213,7 @@ impl Relay {
             last_confirm: Instant::now(),
             waiting_at_event: false,
             idle_streak: 0,
+            stopped_at_resume: None,
         }
     }
 
@@ -221,6 +226,15 @@ impl Relay {
             if take_reload() {
                 ffi::reload_config();
                 self.reload();
+                self.resume("the configuration was reloaded");
+            }
+            if let Some(seen) = self.stopped_at_resume {
+                if self.status.resume_requests() != seen {
+                    self.resume("outbox.resume() was called");
+                } else {
+                    sleep(Duration::from_secs(1));
+                    continue;
+                }
             }
             if !self.settings.configured() {
                 self.status.set_state(RelayState::Unconfigured);
@@ -410,19 +424,45 @@ impl Relay {
 
     /// After a failed delivery: keep what was acknowledged, drop the producer and the decoding
     /// context, back off, and decode again from the confirmed position.
+    /// A permanent failure (reported before or during the drain) stops the relay instead.
     fn rewind(&mut self) {
         let Some(router) = self.router.as_mut() else { return };
         let error = router.last_error.clone().unwrap_or_else(|| "delivery failed".into());
-        warning!("outbox_ext relay: {error}; retrying from the last confirmed position in {:?}", self.backoff);
-        self.status.set_error(&error);
-        self.status.set_state(RelayState::KafkaUnavailable);
         router.producer.purge();
         self.drain(Duration::from_secs(2));
         self.confirm();
-        self.router = None;
+        let permanent = self.router.take().and_then(|r| r.permanent);
         self.session = None;
+        if let Some(failure) = permanent {
+            self.stop_on(&failure);
+            return;
+        }
+        warning!("outbox_ext relay: {error}; retrying from the last confirmed position in {:?}", self.backoff);
+        self.status.set_error(&error);
+        self.status.set_state(RelayState::KafkaUnavailable);
         sleep(self.backoff);
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// Kafka refused an event for good. Skipping it would lose it and retrying cannot help, so
+    /// the relay stops at it: the slot stays before its transaction, and nothing is produced
+    /// until an operator has fixed the cause and calls `outbox.resume()` (or reloads).
+    fn stop_on(&mut self, failure: &str) {
+        let message = format!(
+            "{failure}; the relay stopped at this event and retries after SELECT outbox.resume()"
+        );
+        warning!("outbox_ext relay: {message}");
+        self.status.set_error(&message);
+        self.status.set_state(RelayState::DeliveryError);
+        self.stopped_at_resume = Some(self.status.resume_requests());
+    }
+
+    /// Leaves `delivery_error`: the next loop decodes again from the confirmed position.
+    fn resume(&mut self, why: &str) {
+        if self.stopped_at_resume.take().is_some() {
+            log!("outbox_ext relay: retrying after a delivery error because {why}");
+            self.backoff = BACKOFF_MIN;
+        }
     }
 
     fn shutdown(&mut self) {

@@ -186,3 +186,86 @@ fn sighup_with_new_bootstrap_servers_while_streaming() {
     s.more(2000);
     s.finish("SIGHUP new bootstrap_servers", Duplicates::OneResendEach);
 }
+
+/// Emits one event of `aggregatetype` (also its key) with a payload of about `size` bytes, in a transaction of
+/// its own; returns its id.
+fn emit_one(pg: &PgCluster, aggregatetype: &str, size: usize) -> String {
+    pg.sql(&format!(
+        "SELECT outbox.emit('{aggregatetype}', '{aggregatetype}', 'Probe', jsonb_build_object('pad', repeat('x', {size})))"
+    ))
+}
+
+/// Waits until the relay stops on a permanent error that names `id` (when given) and says
+/// `why`, then checks that it stays stopped: no delivery, no slot movement, no retry.
+fn stopped_on(s: &Scenario, id: Option<&str>, why: &str) {
+    s.pg.wait_for_state("delivery_error", DEADLINE);
+    let error = s.pg.status("last_error");
+    assert!(error.contains(why), "last_error should say {why:?}: {error}");
+    if let Some(id) = id {
+        assert!(error.contains(id), "last_error should name event {id}: {error}");
+    }
+    assert!(error.contains("outbox.resume()"), "last_error should say what to do: {error}");
+    let before = s.pg.sql("SELECT events_delivered || ' ' || confirmed_lsn FROM outbox.status()");
+    holds_for("the relay staying stopped at the event", Duration::from_secs(3), || {
+        s.pg.sql("SELECT state || ' ' || events_delivered || ' ' || confirmed_lsn FROM outbox.status()")
+            == format!("delivery_error {before}")
+    });
+}
+
+fn resume(s: &Scenario) {
+    assert_eq!(s.pg.sql("SELECT outbox.resume()"), "t");
+    s.pg.wait_for_state("streaming", DEADLINE);
+}
+
+#[test]
+fn permanent_errors_stop_the_relay_until_an_operator_acts() {
+    use RDKafkaRespErr::*;
+    let props = "allow.auto.create.topics=false;topic.metadata.propagation.max.ms=1000";
+    let s = Scenario::start("perm", &[("outbox.kafka_properties", props)], LoadShape::default(), 1000);
+    let mock = &s.kafka.cluster;
+    let mut probes = Emitted::default();
+    s.kafka.create_topic("outbox.event.big", 3);
+
+    // Not authorized to write one aggregatetype's topic; the operator grants it.
+    s.kafka.create_topic("outbox.event.secret", 1);
+    mock.topic_error("outbox.event.secret", RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED).unwrap();
+    let id = emit_one(&s.pg, "secret", 10);
+    stopped_on(&s, Some(&id), "Topic authorization failed");
+    probes.commit(id, "secret");
+    mock.topic_error("outbox.event.secret", RD_KAFKA_RESP_ERR_NO_ERROR).unwrap();
+    resume(&s);
+    s.more(500);
+
+    // A topic that does not exist and may not be auto-created; the operator creates it.
+    let id = emit_one(&s.pg, "missing", 10);
+    stopped_on(&s, Some(&id), "Unknown topic or partition");
+    probes.commit(id, "missing");
+    s.kafka.create_topic("outbox.event.missing", 1);
+    resume(&s);
+    s.more(500);
+
+    // The broker refuses a batch as too large; the operator raises the broker's limit.
+    mock.request_errors(RDKafkaApiKey::Produce, &[RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE]);
+    stopped_on(&s, None, "Message size too large");
+    resume(&s);
+    s.more(500);
+
+    // An event larger than the producer's message.max.bytes; the operator raises it, and the
+    // reload resumes the relay.
+    s.pg.set("outbox.kafka_properties", &format!("{props};message.max.bytes=4000"));
+    s.more(500);
+    let id = emit_one(&s.pg, "big", 5000);
+    stopped_on(&s, Some(&id), "Message size too large");
+    probes.commit(id, "big");
+    s.pg.set("outbox.kafka_properties", props);
+    s.pg.wait_for_state("streaming", DEADLINE);
+    s.more(500);
+
+    let mut probe_consumer = Collector::new(
+        &s.kafka.bootstrap,
+        &[("outbox.event.secret", 1), ("outbox.event.missing", 1), ("outbox.event.big", 3)],
+    );
+    probe_consumer.until_all(&probes, DEADLINE);
+    check(&probes, &probe_consumer.records).assert_ok("permanent errors: refused events", probes.committed.len());
+    s.finish("permanent errors: the load around them", Duplicates::OneResendEach);
+}

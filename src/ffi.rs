@@ -440,6 +440,43 @@ pub fn acquire_slot(name: &str) {
     }
 }
 
+/// Drops the slot this process holds, once its decoding session is gone.
+pub fn drop_held_slot(name: &str) {
+    let cname = CString::new(name).expect("slot names have no NUL");
+    // SAFETY: outside a transaction, with no decoding context open (the caller dropped it),
+    // holding the slot, as the walsender is for DROP_REPLICATION_SLOT. Between the release and
+    // the drop another process could take the slot; with nowait the drop then raises an ERROR,
+    // which ends the worker, and the postmaster starts it again.
+    unsafe {
+        pg_sys::ReplicationSlotRelease();
+        pg_sys::ReplicationSlotDrop(cname.as_ptr(), true);
+    }
+}
+
+/// Whether extension `outbox_ext` exists in this database. Must run inside a transaction.
+/// With `after_writers`, first waits for no transaction to be creating or dropping an
+/// extension (a share lock on pg_extension, held until the caller's transaction ends); returns
+/// None if one is, so that the caller tries again later instead of blocking.
+pub fn extension_installed(after_writers: bool) -> Option<bool> {
+    // SAFETY: inside a transaction. ConditionalLockRelationOid takes a lock that the
+    // transaction's end releases; acquiring it processes invalidations, so the catalog lookup
+    // that follows sees every transaction that committed before we got the lock.
+    unsafe {
+        if after_writers
+            && !pg_sys::ConditionalLockRelationOid(pg_sys::ExtensionRelationId, pg_sys::ShareLock as i32)
+        {
+            return None;
+        }
+        Some(pg_sys::get_extension_oid(c"outbox_ext".as_ptr(), true) != pg_sys::InvalidOid)
+    }
+}
+
+/// The current WAL insert position.
+pub fn wal_insert_lsn() -> u64 {
+    // SAFETY: GetXLogInsertRecPtr reads shared state under its own spinlock.
+    unsafe { pg_sys::GetXLogInsertRecPtr() }
+}
+
 /// Decoding outside a transaction (as the walsender does) needs a resource owner for WAL file
 /// access; transactions reset CurrentResourceOwner to NULL when they end.
 unsafe fn ensure_resource_owner() {

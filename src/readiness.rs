@@ -43,6 +43,14 @@ fn assert_ready() -> bool {
             "Kafka keys, headers and values are UTF-8."
         );
     }
+    if crate::status::relay_retiring() {
+        pgrx::ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "the outbox_ext relay is dropping the replication slot of the previous installation",
+            "Try again in a moment."
+        );
+    }
     true
 }
 

@@ -28,6 +28,9 @@ pub enum RelayState {
     /// Kafka refused an event for good (unknown topic, not authorized, too large): the relay
     /// stopped at it and waits for an operator (`outbox.resume()` or a reload).
     DeliveryError = 7,
+    /// Extension outbox_ext is not installed in outbox.database: there is no slot yet (or no
+    /// longer).
+    NotInstalled = 8,
 }
 
 impl RelayState {
@@ -41,6 +44,7 @@ impl RelayState {
             RelayState::ConfigError => "config_error",
             RelayState::SlotError => "slot_error",
             RelayState::DeliveryError => "delivery_error",
+            RelayState::NotInstalled => "not_installed",
         }
     }
 
@@ -53,6 +57,7 @@ impl RelayState {
             5 => RelayState::ConfigError,
             6 => RelayState::SlotError,
             7 => RelayState::DeliveryError,
+            8 => RelayState::NotInstalled,
             _ => RelayState::Stopped,
         }
     }
@@ -72,6 +77,8 @@ pub struct RelayStatus {
     last_delivery_at: i64,
     /// Bumped by `outbox.resume()`; the worker compares it with the value it saw when it stopped.
     resume_requests: u64,
+    /// The worker is about to drop the slot of a dropped installation: CREATE EXTENSION waits.
+    retiring: bool,
 }
 
 impl Default for RelayStatus {
@@ -85,6 +92,7 @@ impl Default for RelayStatus {
             last_error_at: NO_TIME,
             last_delivery_at: NO_TIME,
             resume_requests: 0,
+            retiring: false,
         }
     }
 }
@@ -153,6 +161,11 @@ impl StatusWriter {
         STATUS.share().resume_requests
     }
 
+    /// Marks the window in which the slot of a dropped installation is being dropped.
+    pub fn set_retiring(&mut self, retiring: bool) {
+        STATUS.exclusive().retiring = retiring;
+    }
+
     pub fn detach(&mut self) {
         let mut s = STATUS.exclusive();
         s.worker_pid = 0;
@@ -167,7 +180,13 @@ unsafe extern "C-unwind" fn clear_on_exit(_code: i32, _arg: pg_sys::Datum) {
     if s.worker_pid == crate::ffi::my_pid() {
         s.worker_pid = 0;
         s.state = RelayState::Stopped as u8;
+        s.retiring = false;
     }
+}
+
+/// True while the relay drops the slot of a dropped installation.
+pub fn relay_retiring() -> bool {
+    STATUS.share().retiring
 }
 
 fn timestamp(v: i64) -> Option<TimestampWithTimeZone> {

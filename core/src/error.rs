@@ -90,8 +90,8 @@ impl OutboxError {
                 Some("Set wal_level = logical in postgresql.conf and restart PostgreSQL.".into())
             }
             SlotMissing { .. } => Some(
-                "The outbox_ext relay worker creates the slot when it starts; check outbox.status() \
-                 and the server log, and that outbox.database names this database."
+                "The relay makes its slot within a few seconds of CREATE EXTENSION in the database \
+                 named by outbox.database; check outbox.status() and the server log."
                     .into(),
             ),
             SlotInOtherDatabase { .. } => Some(

@@ -4,9 +4,11 @@
 //! * `worker.rs`  — the loop, its states, signals, backoff and confirmation
 //! * `decode.rs`  — WAL message → event → Kafka record (the decoding sink)
 //! * `produce.rs` — the librdkafka producer and its delivery reports
+//! * `slot.rs`    — the replication slot's lifetime: made, guarded, retired with the extension
 
 pub mod decode;
 pub mod produce;
+pub mod slot;
 pub mod worker;
 
 use crate::gucs;

@@ -14,6 +14,7 @@
 
 use super::decode::EventRouter;
 use super::produce::KafkaProducer;
+use super::slot::{self, Retirement};
 use super::RelaySettings;
 use crate::ffi::{self, DecodeSink, DecodingSession, TxnInfo};
 use crate::gucs;
@@ -85,80 +86,28 @@ pub extern "C-unwind" fn outbox_relay_main(_arg: pg_sys::Datum) {
     ffi::allow_own_output_plugin();
     log!("outbox_ext relay started: database \"{database}\", slot \"{slot}\"");
 
-    if wait_for_slot(&slot, &mut status) {
+    while slot::wait_for_slot(&slot, &mut status) {
         ffi::acquire_slot(&slot);
-        Relay::new(status).run();
-    } else {
-        status.detach();
+        let mut relay = Relay::new(status, slot.clone());
+        let exit = relay.run();
+        status = relay.status;
+        if exit == Exit::Shutdown {
+            break;
+        }
     }
+    status.detach();
     log!("outbox_ext relay stopped");
     // Exit code 1: the postmaster starts the relay again after RESTART_INTERVAL, unless the
     // server is shutting down.
     ffi::exit_worker(1);
 }
 
-/// Slot names Postgres accepts: lower-case letters, digits and underscores, at most 63.
-fn valid_slot_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-}
-
-/// Creates the slot if missing and waits until no other process holds it. Returns false if
-/// the worker was asked to stop meanwhile.
-fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> bool {
-    if !valid_slot_name(slot) {
-        status.set_state(RelayState::SlotError);
-        status.set_error(&format!(
-            "outbox.slot_name \"{slot}\" is not a valid slot name (lower-case letters, digits and underscores)"
-        ));
-        while sleep(Duration::from_secs(60)) {}
-        return false;
-    }
-    loop {
-        if shutdown_requested() {
-            return false;
-        }
-        let plugin = BackgroundWorker::transaction(|| {
-            Spi::get_one::<String>(&format!(
-                "SELECT (SELECT plugin::text FROM pg_catalog.pg_replication_slots WHERE slot_name = '{slot}')"
-            ))
-        });
-        match plugin {
-            Ok(None) => {
-                log!("outbox_ext relay: creating logical replication slot \"{slot}\"");
-                status.set_state(RelayState::Starting);
-                ffi::create_slot(slot);
-                BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-                continue;
-            }
-            Ok(Some(p)) if p != "outbox_ext" => {
-                status.set_state(RelayState::SlotError);
-                status.set_error(&format!(
-                    "replication slot \"{slot}\" uses output plugin \"{p}\", not outbox_ext; drop it or set outbox.slot_name"
-                ));
-            }
-            Ok(Some(_)) if slot_lost(slot) => {
-                status.set_state(RelayState::SlotError);
-                status.set_error(&format!(
-                    "replication slot \"{slot}\" was invalidated (it lost WAL it needed, see max_slot_wal_keep_size): events committed since its last confirmed position may be missing; drop the slot to let the relay start afresh"
-                ));
-            }
-            Ok(Some(_)) => match ffi::slot_active_pid(slot) {
-                Some(pid) if pid != 0 => {
-                    status.set_state(RelayState::SlotError);
-                    status.set_error(&format!(
-                        "replication slot \"{slot}\" is in use by process {pid}"
-                    ));
-                }
-                _ => return true,
-            },
-            Err(e) => error!("outbox_ext: could not look up slot \"{slot}\": {e}"),
-        }
-        if !sleep(Duration::from_secs(1)) {
-            return false;
-        }
-    }
+/// Why `Relay::run` returned.
+#[derive(PartialEq, Eq)]
+enum Exit {
+    Shutdown,
+    /// The extension was dropped and its slot with it.
+    Retired,
 }
 
 /// Notices events without producing them (see `Relay::advance_without_kafka`).
@@ -175,20 +124,10 @@ impl DecodeSink for EventProbe {
     fn commit(&mut self, _txn: TxnInfo) {}
 }
 
-/// True if the slot exists and was invalidated (wal_status 'lost').
-fn slot_lost(slot: &str) -> bool {
-    BackgroundWorker::transaction(|| {
-        Spi::get_one::<bool>(&format!(
-            "SELECT coalesce((SELECT wal_status = 'lost' FROM pg_catalog.pg_replication_slots WHERE slot_name = '{slot}'), false)"
-        ))
-    })
-    .ok()
-    .flatten()
-    .unwrap_or(false)
-}
-
 struct Relay {
     status: StatusWriter,
+    slot: String,
+    retirement: Retirement,
     settings: RelaySettings,
     router: Option<EventRouter>,
     session: Option<DecodingSession>,
@@ -203,9 +142,11 @@ struct Relay {
 }
 
 impl Relay {
-    fn new(status: StatusWriter) -> Relay {
+    fn new(status: StatusWriter, slot: String) -> Relay {
         Relay {
             status,
+            slot,
+            retirement: Retirement::new(),
             settings: RelaySettings::read(),
             router: None,
             session: None,
@@ -217,11 +158,11 @@ impl Relay {
         }
     }
 
-    fn run(mut self) {
+    fn run(&mut self) -> Exit {
         loop {
             if shutdown_requested() {
                 self.shutdown();
-                return;
+                return Exit::Shutdown;
             }
             if take_reload() {
                 ffi::reload_config();
@@ -238,7 +179,10 @@ impl Relay {
             }
             if !self.settings.configured() {
                 self.status.set_state(RelayState::Unconfigured);
-                self.advance_without_kafka();
+                if self.advance_without_kafka() {
+                    self.retire();
+                    return Exit::Retired;
+                }
                 continue;
             }
             if self.waiting_at_event {
@@ -275,7 +219,7 @@ impl Relay {
             if router.halted {
                 if shutdown_requested() {
                     self.shutdown();
-                    return;
+                    return Exit::Shutdown;
                 }
                 self.rewind();
                 continue;
@@ -288,6 +232,13 @@ impl Relay {
             if idle {
                 self.idle_streak = self.idle_streak.saturating_add(1);
                 let in_flight = self.router.as_ref().is_some_and(|r| r.tracker.in_flight() > 0);
+                if !in_flight {
+                    let upto = self.session.as_ref().map_or(0, |s| s.decoded_upto());
+                    if self.retirement.due(upto, &mut self.status) {
+                        self.retire();
+                        return Exit::Retired;
+                    }
+                }
                 // 1 ms naps keep latency low while events flow or await acknowledgement; after
                 // a second of quiet, 10 ms naps keep an idle relay cheap.
                 let nap = if in_flight || self.idle_streak < 1000 { 1 } else { 10 };
@@ -300,8 +251,9 @@ impl Relay {
 
     /// Without Kafka settings: decode anyway, only to confirm WAL that holds no events, so an
     /// unconfigured relay does not pin WAL. At the first event, stop and wait: it and
-    /// everything after it are decoded again once Kafka is configured.
-    fn advance_without_kafka(&mut self) {
+    /// everything after it are decoded again once Kafka is configured. Returns true if the
+    /// extension was dropped and the slot holds no event any more (see `Retirement`).
+    fn advance_without_kafka(&mut self) -> bool {
         if self.router.is_some() {
             // Kafka was just unconfigured: settle what is in flight first.
             self.drain(SHUTDOWN_FLUSH);
@@ -311,7 +263,7 @@ impl Relay {
         }
         if self.waiting_at_event {
             sleep(Duration::from_secs(1));
-            return;
+            return false;
         }
         let session = self.session.get_or_insert_with(DecodingSession::start);
         let mut probe = EventProbe::default();
@@ -326,9 +278,13 @@ impl Relay {
             let upto = session.decoded_upto();
             session.confirm(upto);
             if decoded == 0 {
+                if self.retirement.due(upto, &mut self.status) {
+                    return true;
+                }
                 sleep(Duration::from_millis(100));
             }
         }
+        false
     }
 
     /// Picks up new settings after SIGHUP; a Kafka change rebuilds the producer, rewinding
@@ -463,6 +419,19 @@ impl Relay {
             log!("outbox_ext relay: retrying after a delivery error because {why}");
             self.backoff = BACKOFF_MIN;
         }
+    }
+
+    /// Drops the slot of a dropped installation (see `slot::Retirement`).
+    fn retire(&mut self) {
+        self.confirm();
+        self.session = None;
+        self.router = None;
+        ffi::drop_held_slot(&self.slot);
+        self.status.set_retiring(false);
+        log!(
+            "outbox_ext relay: dropped replication slot \"{}\": extension outbox_ext was dropped and every event committed before that was delivered",
+            self.slot
+        );
     }
 
     fn shutdown(&mut self) {

@@ -56,8 +56,19 @@ impl PgCluster {
     /// extension in database `postgres`. `settings` are extra postgresql.conf lines.
     pub fn start(settings: &[(&str, &str)]) -> PgCluster {
         let cluster = PgCluster::init(settings);
-        cluster.sql("CREATE EXTENSION outbox_ext");
+        cluster.create_extension();
         cluster
+    }
+
+    /// CREATE EXTENSION, then waits (as an application would, on outbox.status()) until the
+    /// relay has made its slot, if this is the database it relays.
+    pub fn create_extension(&self) {
+        self.sql("CREATE EXTENSION outbox_ext");
+        crate::wait_until("the relay to make its slot", crate::DEADLINE, || {
+            self.sql(
+                "SELECT confirmed_lsn IS NOT NULL OR current_setting('outbox.database') <> current_database() FROM outbox.status()",
+            ) == "t"
+        });
     }
 
     /// Like `start`, without creating the extension. `settings` come last in

@@ -1,8 +1,11 @@
 //! Events reach Kafka with the right topic, key, value, headers and timestamp, complete and in
 //! per-key order, and outbox.status() reports the delivery.
 
-use outbox_tests::{streaming_relay, Collector, DEADLINE};
+use outbox_tests::{check, streaming_relay, Collector, Emitted, DEADLINE};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[test]
 fn record_has_topic_key_value_headers_and_commit_timestamp() {
@@ -92,4 +95,60 @@ fn ten_thousand_events_over_fifty_keys_arrive_complete_and_in_key_order() {
     outbox_tests::wait_until("status to count every delivery", DEADLINE, || {
         pg.status("events_delivered") == EVENTS.to_string()
     });
+}
+
+/// A process's resident anonymous memory in MB, from /proc.
+fn rss_anon_mb(pid: i32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[test]
+fn one_transaction_of_100k_events_spills_to_disk_and_worker_memory_stays_bounded() {
+    let topic = "outbox.event.huge";
+    // 100,000 events of about 200 bytes: some 20 MB of changes, five times the work memory.
+    let (kafka, pg) = streaming_relay(&[topic], &[("logical_decoding_work_mem", "4MB")]);
+    let pid = pg.worker_pid().expect("the relay runs");
+    let idle_mb = rss_anon_mb(pid);
+    let peak = Arc::new(std::sync::Mutex::new(idle_mb));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let now = rss_anon_mb(pid);
+                let mut p = peak.lock().unwrap();
+                *p = p.max(now);
+                drop(p);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let mut emitted = Emitted::default();
+    let started = Instant::now();
+    for (id, key) in pg.emit_batch("huge", "agg-", 100, 0, 100_000, true) {
+        emitted.commit(id, key);
+    }
+    let committed_in = started.elapsed();
+    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
+    c.until_all(&emitted, DEADLINE);
+    let delivered_in = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak_mb = *peak.lock().unwrap();
+    let spilled = pg.sql(
+        "SELECT spill_txns || ' ' || pg_size_pretty(spill_bytes) FROM pg_stat_replication_slots WHERE slot_name = 'outbox_ext'",
+    );
+    eprintln!(
+        "[100k-event transaction] committed in {committed_in:?}, all consumed after {delivered_in:?}; \
+         spilled (txns, bytes): {spilled}; worker RssAnon idle {idle_mb:.1} MB, peak {peak_mb:.1} MB"
+    );
+    check(&emitted, &c.records).assert_ok("100k-event transaction", 0);
+    assert_eq!(pg.worker_pid(), Some(pid), "the worker ran throughout");
+    assert!(spilled.split(' ').next().and_then(|n| n.parse::<i64>().ok()).unwrap_or(0) > 0, "decoding spilled: {spilled}");
+    assert!(peak_mb < 200.0, "worker memory peaked at {peak_mb:.1} MB");
 }

@@ -60,5 +60,19 @@ fn emit_needs_a_grant_and_kafka_properties_stay_hidden() {
     assert_eq!(id.lines().last().unwrap().len(), 36);
     // A superuser sees the value.
     assert_eq!(pg.sql("SHOW outbox.kafka_properties"), "client.id=not-for-app-eyes");
-    assert!(!pg.log().contains("not-for-app"), "the server log shows kafka_properties");
+
+    // Reloads, a rejected entry and a rebuilt producer: no log line and no status shows a value.
+    pg.set("outbox.kafka_properties", "client.id=x;sasl.password=hunter2-secret");
+    pg.wait_for_state("streaming", DEADLINE);
+    pg.set("outbox.kafka_properties", "client.id=x;not.a.property=hunter2-secret");
+    pg.wait_for_state("config_error", DEADLINE);
+    let error = pg.status("last_error");
+    assert!(error.contains("entry 2") && !error.contains("hunter2"), "{error}");
+    pg.set("outbox.kafka_properties", "client.id=x;linger.ms=5;sasl.password=hunter2-secret");
+    pg.wait_for_state("streaming", DEADLINE);
+    let log = pg.log();
+    assert!(log.contains("configuration reloaded"), "the reloads are in the log");
+    for secret in ["not-for-app", "hunter2"] {
+        assert!(!log.contains(secret), "the server log shows kafka_properties ({secret})");
+    }
 }

@@ -20,7 +20,7 @@ mod tests {
             .unwrap()
     }
 
-    /// The relay worker creates its slot shortly after the server starts.
+    /// The relay worker makes its slot shortly after the extension is created.
     fn wait_for_slot() {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !matches!(crate::ffi::check_slot(&crate::gucs::slot_name()), crate::ffi::SlotCheck::Ready { .. }) {
@@ -151,7 +151,7 @@ mod tests {
     fn status_returns_one_row_in_a_documented_state() {
         let state = Spi::get_one::<String>("SELECT state FROM outbox.status()").unwrap().unwrap();
         assert!(
-            ["starting", "unconfigured", "streaming", "kafka_unavailable", "stopped", "config_error", "slot_error"]
+            ["not_installed", "starting", "unconfigured", "streaming", "kafka_unavailable", "delivery_error", "stopped", "config_error", "slot_error"]
                 .contains(&state.as_str()),
             "{state}"
         );

@@ -65,9 +65,9 @@ impl Scenario {
     fn all_brokers(&self, up: bool) {
         for b in BROKERS {
             if up {
-                self.kafka.cluster.broker_up(b).unwrap();
+                self.kafka.broker_up(b);
             } else {
-                self.kafka.cluster.broker_down(b).unwrap();
+                self.kafka.broker_down(b);
             }
         }
     }
@@ -148,11 +148,11 @@ fn partition_leaders_move_and_one_partition_has_none_for_twenty_seconds() {
     s.more(1000);
     // Partition 2 has no reachable leader for 20 s: its leader's broker is down. (The mock
     // cluster crashes on a leader of -1, so "no leader" is a leader that does not answer.)
-    mock.broker_down(3).unwrap();
+    s.kafka.broker_down(3);
     let leaderless_until = Instant::now() + Duration::from_secs(20);
     wait_until("20 s without a leader", Duration::from_secs(30), || Instant::now() >= leaderless_until);
     mock.partition_leader(&s.topic, 2, Some(1)).unwrap();
-    mock.broker_up(3).unwrap();
+    s.kafka.broker_up(3);
     s.more(1000);
     s.finish("leader moves, 20 s leaderless", Duplicates::OneResendEach);
 }

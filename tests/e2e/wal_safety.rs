@@ -83,7 +83,7 @@ fn an_invalidated_slot_stops_the_relay_and_is_never_remade() {
     // Kafka is down, so the slot stands still on undelivered events while WAL grows past
     // max_slot_wal_keep_size, and a checkpoint invalidates it.
     for b in 1..=3 {
-        kafka.cluster.broker_down(b).unwrap();
+        kafka.broker_down(b);
     }
     emit_committed(&pg, "lost", 10);
     pg.wait_for_state("kafka_unavailable", DEADLINE);
@@ -95,7 +95,7 @@ fn an_invalidated_slot_stops_the_relay_and_is_never_remade() {
         pg.sql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outbox_ext'") == "lost"
     });
     for b in 1..=3 {
-        kafka.cluster.broker_up(b).unwrap();
+        kafka.broker_up(b);
     }
     pg.wait_for_state("slot_error", DEADLINE);
     let error = pg.status("last_error");
@@ -149,7 +149,7 @@ fn drop_extension_delivers_what_was_committed_then_drops_the_slot() {
     let (kafka, pg) = streaming_relay(&["outbox.event.bye"], &[]);
     let mut consumer = Collector::new(&kafka.bootstrap, &[("outbox.event.bye", 3)]);
     for b in 1..=3 {
-        kafka.cluster.broker_down(b).unwrap();
+        kafka.broker_down(b);
     }
     let emitted = emit_committed(&pg, "bye", 500);
     pg.sql("DROP EXTENSION outbox_ext");
@@ -160,7 +160,7 @@ fn drop_extension_delivers_what_was_committed_then_drops_the_slot() {
         std::thread::sleep(Duration::from_millis(200));
     }
     for b in 1..=3 {
-        kafka.cluster.broker_up(b).unwrap();
+        kafka.broker_up(b);
     }
     consumer.until_all(&emitted, DEADLINE);
     wait_until("the slot to be dropped", DEADLINE, || !slot_exists(&pg));

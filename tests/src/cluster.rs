@@ -2,6 +2,7 @@
 //! the tests run as root (Postgres refuses to run as root).
 
 use std::path::{Path, PathBuf};
+use crate::SpawnGuarded;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
@@ -14,7 +15,7 @@ fn pg_bin() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id").arg("-u").guarded_output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
 
 /// Runs a server binary as the cluster's owner.
@@ -83,7 +84,7 @@ impl PgCluster {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         if is_root() {
-            check("chown", Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).output().unwrap());
+            check("chown", Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).guarded_output().unwrap());
         }
         let data = dir.join("data");
         check(
@@ -91,7 +92,7 @@ impl PgCluster {
             as_owner(&pg_bin().join("initdb"))
                 .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "-D"])
                 .arg(&data)
-                .output()
+                .guarded_output()
                 .unwrap(),
         );
         let mut conf = format!(
@@ -164,7 +165,7 @@ impl PgCluster {
                 .arg("-l")
                 .arg(self.log_path())
                 .arg("start")
-                .output()
+                .guarded_output()
                 .unwrap(),
         );
         self.stopped = false;
@@ -178,7 +179,7 @@ impl PgCluster {
                 .args(["-w", "-t", "60", "-m", mode, "-D"])
                 .arg(self.data_dir())
                 .arg("stop")
-                .output()
+                .guarded_output()
                 .unwrap(),
         );
         self.stopped = true;
@@ -208,7 +209,7 @@ impl PgCluster {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
-            .spawn()
+            .guarded_spawn()
             .expect("psql runs")
     }
 
@@ -258,7 +259,7 @@ impl PgCluster {
 
     /// Sends a signal (by name: STOP, CONT, KILL, TERM) to a server process.
     pub fn signal(&self, pid: i32, signal: &str) {
-        check("kill", Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).output().unwrap());
+        check("kill", Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).guarded_output().unwrap());
     }
 
     /// The relay worker's PID, if it runs.
@@ -308,7 +309,7 @@ impl Drop for PgCluster {
                 .args(["-w", "-m", "immediate", "-D"])
                 .arg(self.data_dir())
                 .arg("stop")
-                .output();
+                .guarded_output();
         }
         if std::env::var_os("OUTBOX_KEEP_CLUSTERS").is_none() && !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);

@@ -30,6 +30,15 @@ impl MockKafka {
         MockKafka { cluster, bootstrap, _one_at_a_time: guard }
     }
 
+    /// Takes broker `id` down: its connections close and it refuses new ones.
+    pub fn broker_down(&self, id: i32) {
+        crate::no_spawning(|| self.cluster.broker_down(id)).expect("broker down");
+    }
+
+    pub fn broker_up(&self, id: i32) {
+        crate::no_spawning(|| self.cluster.broker_up(id)).expect("broker up");
+    }
+
     /// Creates `topic` with `partitions` partitions, replicated on every broker.
     pub fn create_topic(&self, topic: &str, partitions: i32) {
         self.cluster.create_topic(topic, partitions, 1).expect("topic created");

@@ -12,7 +12,39 @@ pub use cluster::PgCluster;
 pub use kafka::{Collector, MockKafka, Record};
 pub use load::{Load, LoadShape};
 
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
+
+/// Child processes start under the read side; the mock cluster's broker_down and broker_up
+/// take the write side. A child holds a copy of every descriptor of this process from fork to
+/// exec, a mock broker's listening socket included: a broker taken down in that window stays
+/// bound, the mock cannot bind its port again, and librdkafka aborts the test process.
+static SPAWNING: RwLock<()> = RwLock::new(());
+
+/// `Command::spawn` and `Command::output`, never while a mock broker changes its listener.
+pub trait SpawnGuarded {
+    fn guarded_spawn(&mut self) -> std::io::Result<Child>;
+    fn guarded_output(&mut self) -> std::io::Result<Output>;
+}
+
+impl SpawnGuarded for Command {
+    fn guarded_spawn(&mut self) -> std::io::Result<Child> {
+        let _spawning = SPAWNING.read().unwrap_or_else(|p| p.into_inner());
+        self.spawn()
+    }
+
+    fn guarded_output(&mut self) -> std::io::Result<Output> {
+        let child = self.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).guarded_spawn()?;
+        child.wait_with_output()
+    }
+}
+
+/// Holds off new child processes while the caller changes a mock broker's listener.
+pub(crate) fn no_spawning<T>(f: impl FnOnce() -> T) -> T {
+    let _exclusive = SPAWNING.write().unwrap_or_else(|p| p.into_inner());
+    f()
+}
 
 /// How long a test waits for anything before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(120);

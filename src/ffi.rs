@@ -496,6 +496,8 @@ pub struct DecodingSession {
     ctx: *mut pg_sys::LogicalDecodingContext,
     /// When the slot was last written to disk by us.
     last_save: std::time::Instant,
+    /// The confirmed position moved since then.
+    unsaved: bool,
 }
 
 /// How often a moving slot is written to disk. Postgres itself writes a logical slot only at
@@ -547,7 +549,7 @@ impl DecodingSession {
             );
             pg_sys::MemoryContextSwitchTo(old);
             pg_sys::XLogBeginRead((*ctx).reader, (*pg_sys::MyReplicationSlot).data.restart_lsn);
-            DecodingSession { ctx, last_save: std::time::Instant::now() }
+            DecodingSession { ctx, last_save: std::time::Instant::now(), unsaved: false }
         }
     }
 
@@ -605,10 +607,14 @@ impl DecodingSession {
             if lsn > (*pg_sys::MyReplicationSlot).data.confirmed_flush {
                 pg_sys::LogicalConfirmReceivedLocation(lsn);
                 pg_sys::ReplicationSlotMarkDirty();
-                if self.last_save.elapsed() >= SLOT_SAVE_INTERVAL {
-                    pg_sys::ReplicationSlotSave();
-                    self.last_save = std::time::Instant::now();
-                }
+                self.unsaved = true;
+            }
+            // Also when the position stopped moving: the last move of a burst must reach disk
+            // within a second, not at the next checkpoint, or a crash resends the whole burst.
+            if self.unsaved && self.last_save.elapsed() >= SLOT_SAVE_INTERVAL {
+                pg_sys::ReplicationSlotSave();
+                self.last_save = std::time::Instant::now();
+                self.unsaved = false;
             }
         }
     }

@@ -7,22 +7,12 @@
 //! at most once per rewind; the bound allows one resend of every committed event.
 
 use outbox_tests::{
-    check, streaming_relay, wait_until, Collector, Emitted, Load, LoadShape, MockKafka, PgCluster, DEADLINE,
+    check, holds_for, streaming_relay, wait_until, Collector, Emitted, Load, LoadShape, MockKafka, PgCluster, DEADLINE,
 };
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use std::time::{Duration, Instant};
 
 const BROKERS: [i32; 3] = [1, 2, 3];
-
-/// Runs `check` over `duration` and fails if it ever returns false: for invariants that must
-/// hold throughout a fault, not for synchronisation.
-fn holds_for(what: &str, duration: Duration, mut check: impl FnMut() -> bool) {
-    let end = Instant::now() + duration;
-    while Instant::now() < end {
-        assert!(check(), "{what} stopped holding");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// A streaming relay, a consumer of its topic, and a write load that is already running.
 struct Scenario {

@@ -2,7 +2,7 @@
 //! when it was invalidated or dropped (events would be missing), and must not outlive the
 //! extension.
 
-use outbox_tests::{streaming_relay, wait_until, Collector, Emitted, PgCluster, DEADLINE};
+use outbox_tests::{holds_for, streaming_relay, wait_until, Collector, Emitted, PgCluster, DEADLINE};
 use std::time::{Duration, Instant};
 
 const MB: i64 = 1024 * 1024;
@@ -103,12 +103,10 @@ fn an_invalidated_slot_stops_the_relay_and_is_never_remade() {
     let refused = pg.sql_error("SELECT outbox.emit('lost', 'k', 'T', '{}')");
     assert!(refused.starts_with("55000"), "{refused}");
     // Nothing is remade behind the operator's back.
-    let still = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < still {
-        assert_eq!(pg.status("state"), "slot_error");
-        assert_eq!(pg.sql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outbox_ext'"), "lost");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    holds_for("slot_error with the lost slot kept", Duration::from_secs(3), || {
+        pg.status("state") == "slot_error"
+            && pg.sql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outbox_ext'") == "lost"
+    });
     // The operator accepts the loss: a new slot, and events flow again.
     pg.sql("SELECT outbox.reset_slot()");
     pg.wait_for_state("streaming", DEADLINE);
@@ -132,11 +130,7 @@ fn a_slot_dropped_behind_the_relays_back_is_never_remade() {
     assert!(error.contains("dropped") && error.contains("outbox.reset_slot()"), "{error}");
     let refused = pg.sql_error("SELECT outbox.emit('a', 'k', 'T', '{}')");
     assert!(refused.starts_with("55000"), "{refused}");
-    let still = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < still {
-        assert!(!slot_exists(&pg), "the relay made a new slot on its own");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    holds_for("no new slot made on the relay's own", Duration::from_secs(3), || !slot_exists(&pg));
     pg.sql("SELECT outbox.reset_slot()");
     wait_until("a new slot after reset_slot()", DEADLINE, || slot_exists(&pg));
     pg.wait_for_state("unconfigured", DEADLINE);
@@ -154,11 +148,7 @@ fn drop_extension_delivers_what_was_committed_then_drops_the_slot() {
     let emitted = emit_committed(&pg, "bye", 500);
     pg.sql("DROP EXTENSION outbox_ext");
     // Undelivered events keep the slot.
-    let still = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < still {
-        assert!(slot_exists(&pg), "the slot went before its events were delivered");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    holds_for("the slot staying while its events are undelivered", Duration::from_secs(2), || slot_exists(&pg));
     for b in 1..=3 {
         kafka.broker_up(b);
     }

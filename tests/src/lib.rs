@@ -78,3 +78,13 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
         pause = (pause * 2).min(Duration::from_millis(200));
     }
 }
+
+/// Runs `check` over `duration` and fails if it ever returns false: for invariants that must
+/// hold throughout a fault, not for synchronisation.
+pub fn holds_for(what: &str, duration: Duration, mut check: impl FnMut() -> bool) {
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        assert!(check(), "{what} stopped holding");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

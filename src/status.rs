@@ -3,6 +3,7 @@
 //! The worker is the only writer. Readers take the lock in shared mode for a copy. Nothing
 //! written here ever contains a setting's value, so the status is safe to show to any role.
 
+use outbox_core::latency::{self, LatencyHistogram};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 
@@ -79,6 +80,8 @@ pub struct RelayStatus {
     resume_requests: u64,
     /// The worker is about to drop the slot of a dropped installation: CREATE EXTENSION waits.
     retiring: bool,
+    /// Transactions per commit → acknowledgement latency bucket, since the server started.
+    ack_latency: [u64; latency::BUCKETS],
 }
 
 impl Default for RelayStatus {
@@ -93,6 +96,7 @@ impl Default for RelayStatus {
             last_delivery_at: NO_TIME,
             resume_requests: 0,
             retiring: false,
+            ack_latency: [0; latency::BUCKETS],
         }
     }
 }
@@ -111,6 +115,8 @@ pub fn init_shmem() {
 /// lock is taken once per loop iteration, not per event.
 pub struct StatusWriter {
     state: RelayState,
+    /// Latencies measured since the last publish.
+    ack_latency: LatencyHistogram,
 }
 
 impl StatusWriter {
@@ -122,7 +128,7 @@ impl StatusWriter {
         }
         // However the worker ends (even by an ERROR), it no longer shows as running.
         crate::ffi::before_exit(clear_on_exit);
-        StatusWriter { state: RelayState::Starting }
+        StatusWriter { state: RelayState::Starting, ack_latency: LatencyHistogram::default() }
     }
 
     pub fn state(&self) -> RelayState {
@@ -148,11 +154,24 @@ impl StatusWriter {
         s.last_error_at = crate::ffi::now();
     }
 
+    /// Notes that a transaction committed `us` microseconds ago is now wholly acknowledged.
+    /// Published with the next [`add_delivered`](Self::add_delivered).
+    pub fn record_ack_latency(&mut self, us: i64) {
+        self.ack_latency.record(us);
+    }
+
     pub fn add_delivered(&mut self, events: u64) {
-        if events > 0 {
+        if events > 0 || !self.ack_latency.is_empty() {
             let mut s = STATUS.exclusive();
-            s.events_delivered += events;
-            s.last_delivery_at = crate::ffi::now();
+            if events > 0 {
+                s.events_delivered += events;
+                s.last_delivery_at = crate::ffi::now();
+            }
+            for (shared, new) in s.ack_latency.iter_mut().zip(self.ack_latency.counts()) {
+                *shared += new;
+            }
+            drop(s);
+            self.ack_latency.clear();
         }
     }
 
@@ -223,6 +242,31 @@ fn relay_status() -> TableIterator<
         timestamp(s.last_delivery_at),
     ))
 }
+
+/// The commit → Kafka acknowledgement latency of every transaction relayed since the server
+/// started, as a cumulative histogram: `transactions` is how many took at most `le_ms`. The
+/// last row (`le_ms` = infinity) is the total. A transaction counts once all its events are
+/// acknowledged, including time spent waiting for Kafka and in retries.
+#[pg_extern(name = "ack_latency", stable, parallel_safe)]
+fn ack_latency() -> TableIterator<'static, (name!(le_ms, f64), name!(transactions, i64))> {
+    crate::error::OrRaise::or_raise(crate::readiness::check_preloaded());
+    let counts = STATUS.share().ack_latency;
+    let mut cumulative = 0u64;
+    TableIterator::new((0..latency::BUCKETS).map(move |i| {
+        cumulative += counts[i];
+        let le_ms = latency::upper_bound_us(i).map_or(f64::INFINITY, |us| us as f64 / 1000.0);
+        (le_ms, cumulative as i64)
+    }))
+}
+
+pgrx::extension_sql!(
+    r#"
+COMMENT ON FUNCTION @extschema@.ack_latency() IS
+    'Cumulative histogram of commit → Kafka acknowledgement latency per transaction since the server started: transactions with latency <= le_ms.';
+"#,
+    name = "ack_latency_comment",
+    requires = [ack_latency]
+);
 
 /// Asks a relay stopped on a delivery error to try again. Returns whether it was stopped.
 #[pg_extern(name = "resume", volatile, parallel_unsafe)]

@@ -7,12 +7,13 @@
 //! ```text
 //! emit ─▶ WAL ─▶ decode ─▶ route ─▶ produce ─▶ confirm
 //! event::validate     event::decode  routing   (extension)  tracker
-//! event::encode
+//! event::encode                                               latency
 //! ```
 
 pub mod error;
 pub mod event;
 pub mod kafka_settings;
+pub mod latency;
 pub mod routing;
 pub mod tracker;
 pub mod uuid7;

@@ -17,6 +17,8 @@ pub type TxnSeq = u64;
 #[derive(Debug, Clone)]
 struct Txn {
     end_lsn: u64,
+    /// Commit time (PostgreSQL µs), for the commit → acknowledgement latency.
+    commit_time: i64,
     outstanding: u32,
     events: u32,
     /// All of the transaction's events have been handed to the producer.
@@ -33,6 +35,10 @@ pub struct DeliveryTracker {
     /// A delivery failed since the last reset: nothing after the failure may be confirmed.
     failed: bool,
     in_flight: usize,
+    /// Commit times of transactions completed since the last [`take_completed`] call.
+    ///
+    /// [`take_completed`]: DeliveryTracker::take_completed
+    completed: Vec<i64>,
 }
 
 /// What a batch of delivery reports changed.
@@ -48,13 +54,13 @@ impl DeliveryTracker {
         Self::default()
     }
 
-    /// Registers one more event of the transaction ending at `end_lsn`, about to be produced.
-    /// Returns the number to attach to the record.
-    pub fn add_event(&mut self, end_lsn: u64) -> TxnSeq {
+    /// Registers one more event of the transaction ending at `end_lsn` and committed at
+    /// `commit_time`, about to be produced. Returns the number to attach to the record.
+    pub fn add_event(&mut self, end_lsn: u64, commit_time: i64) -> TxnSeq {
         let open = matches!(self.txns.back(), Some(t) if t.end_lsn == end_lsn && !t.closed);
         if !open {
             debug_assert!(self.txns.back().is_none_or(|t| t.end_lsn < end_lsn));
-            self.txns.push_back(Txn { end_lsn, outstanding: 0, events: 0, closed: false });
+            self.txns.push_back(Txn { end_lsn, commit_time, outstanding: 0, events: 0, closed: false });
         }
         let txn = self.txns.back_mut().expect("just pushed");
         txn.outstanding += 1;
@@ -103,6 +109,7 @@ impl DeliveryTracker {
             self.safe_lsn = self.safe_lsn.max(t.end_lsn);
             progress.events_completed += t.events as u64;
             progress.txns_completed += 1;
+            self.completed.push(t.commit_time);
             self.txns.pop_front();
             self.first_seq += 1;
         }
@@ -118,6 +125,12 @@ impl DeliveryTracker {
         } else {
             self.safe_lsn
         }
+    }
+
+    /// Hands over the commit times of the transactions completed (every event acknowledged,
+    /// in commit order) since the last call.
+    pub fn take_completed(&mut self, mut each: impl FnMut(i64)) {
+        self.completed.drain(..).for_each(&mut each);
     }
 
     /// Events produced but not yet acknowledged (or failed).
@@ -146,10 +159,10 @@ mod tests {
     #[test]
     fn confirms_only_through_fully_acknowledged_prefix() {
         let mut t = DeliveryTracker::new();
-        let a1 = t.add_event(100);
-        let a2 = t.add_event(100);
+        let a1 = t.add_event(100, 100);
+        let a2 = t.add_event(100, 100);
         t.close_txn(100);
-        let b1 = t.add_event(200);
+        let b1 = t.add_event(200, 200);
         t.close_txn(200);
         assert_eq!(t.confirmable(300), 0);
         // B acknowledged first: still nothing, A is outstanding.
@@ -162,12 +175,17 @@ mod tests {
         // Everything acknowledged and nothing in flight: the decoded position is safe.
         assert_eq!(t.confirmable(300), 300);
         assert_eq!(t.in_flight(), 0);
+        // Both transactions completed, in commit order, once A's last event was acknowledged.
+        let mut completed = Vec::new();
+        t.take_completed(|c| completed.push(c));
+        assert_eq!(completed, [100, 200]);
+        t.take_completed(|_| panic!("handed over twice"));
     }
 
     #[test]
     fn an_open_transaction_is_not_confirmed_even_if_acknowledged() {
         let mut t = DeliveryTracker::new();
-        let a = t.add_event(100);
+        let a = t.add_event(100, 100);
         t.delivered(a, true);
         assert_eq!(t.confirmable(150), 0, "commit not decoded yet");
         t.close_txn(100);
@@ -177,11 +195,11 @@ mod tests {
     #[test]
     fn a_failure_stops_confirmation_until_reset() {
         let mut t = DeliveryTracker::new();
-        let a = t.add_event(100);
+        let a = t.add_event(100, 100);
         t.close_txn(100);
-        let b = t.add_event(200);
+        let b = t.add_event(200, 200);
         t.close_txn(200);
-        let c = t.add_event(300);
+        let c = t.add_event(300, 300);
         t.close_txn(300);
         t.delivered(a, true);
         assert_eq!(t.confirmable(400), 100);
@@ -195,7 +213,7 @@ mod tests {
         assert_eq!(t.delivered(c, true), Progress::default());
         assert_eq!(t.confirmable(100), 100);
         // New work after the reset is tracked from scratch.
-        let b2 = t.add_event(200);
+        let b2 = t.add_event(200, 200);
         t.close_txn(200);
         t.delivered(b2, true);
         assert_eq!(t.confirmable(250), 250);
@@ -204,9 +222,9 @@ mod tests {
     #[test]
     fn same_end_lsn_after_close_starts_a_new_transaction_only_if_later() {
         let mut t = DeliveryTracker::new();
-        let a = t.add_event(100);
+        let a = t.add_event(100, 100);
         t.close_txn(100);
-        let b = t.add_event(200);
+        let b = t.add_event(200, 200);
         assert_ne!(a, b);
         t.delivered(b, true);
         t.delivered(a, true);

@@ -137,7 +137,7 @@ impl DecodeSink for EventRouter {
         let id = routing::id_text(&ev);
         let headers = routing::record_headers(&ev, &id);
         let timestamp = routing::pg_timestamp_to_unix_ms(txn.commit_time);
-        let seq = self.tracker.add_event(txn.end_lsn);
+        let seq = self.tracker.add_event(txn.end_lsn, txn.commit_time);
         let topic = self.topic(ev.aggregatetype).to_string();
         loop {
             match self.producer.send(&topic, ev.aggregateid, ev.payload, &headers, timestamp, seq) {

@@ -340,6 +340,9 @@ impl Relay {
         if delivered > 0 {
             self.backoff = BACKOFF_MIN;
         }
+        let now = crate::ffi::now();
+        let status = &mut self.status;
+        router.tracker.take_completed(|commit_time| status.record_ack_latency(now - commit_time));
         self.status.add_delivered(delivered);
         let stalled = router.tracker.in_flight() > 0 && router.last_ack.elapsed() > ACK_STALL;
         let broker_error = router.broker_trouble && router.last_ack.elapsed() < BROKER_ERROR_MEMORY;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 #[test]
 fn record_has_topic_key_value_headers_and_commit_timestamp() {
     let (kafka, pg) = streaming_relay(&["outbox.event.order"], &[]);
+    let started = Instant::now();
     let before_ms: i64 = pg.sql("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint").parse().unwrap();
     let id = pg.sql(
         "SELECT outbox.emit('order', 'o-42', 'OrderCreated', \
@@ -41,7 +42,13 @@ fn record_has_topic_key_value_headers_and_commit_timestamp() {
     outbox_tests::wait_until("status to count the delivery", DEADLINE, || {
         pg.status("events_delivered") == "1"
     });
+    let observed_ms = started.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(pg.status("state"), "streaming");
+    // outbox.ack_latency() counts the transaction once, within the time this test saw it take
+    // (plus the histogram's 10% bucket width).
+    assert_eq!(pg.sql("SELECT transactions FROM outbox.ack_latency() WHERE le_ms = 'Infinity'"), "1");
+    let le_ms: f64 = pg.sql("SELECT min(le_ms) FROM outbox.ack_latency() WHERE transactions = 1").parse().unwrap();
+    assert!(le_ms <= observed_ms * 1.1 + 0.1, "ack latency bucket {le_ms} ms, observed {observed_ms:.1} ms");
     assert_eq!(pg.status("slot_name"), "outbox_ext");
     assert_ne!(pg.status("last_delivery_at"), "");
     assert_eq!(pg.status("last_error"), "");
@@ -94,6 +101,10 @@ fn ten_thousand_events_over_fifty_keys_arrive_complete_and_in_key_order() {
     assert_eq!(used.len(), 3, "keys spread over all 3 partitions");
     outbox_tests::wait_until("status to count every delivery", DEADLINE, || {
         pg.status("events_delivered") == EVENTS.to_string()
+    });
+    // One latency per transaction, not per event.
+    outbox_tests::wait_until("ack_latency to count the 20 transactions", DEADLINE, || {
+        pg.sql("SELECT transactions FROM outbox.ack_latency() WHERE le_ms = 'Infinity'") == "20"
     });
 }
 

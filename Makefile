@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/outbox_ext/target
 
-.PHONY: demo test install deps bench
+.PHONY: demo test install deps bench bench-profile
 
 ## Install what is missing, build, and show events flowing from SQL to a local dev broker.
 demo: deps
@@ -19,6 +19,10 @@ install: deps
 deps:
 	bash scripts/install-deps.sh
 
-## Measure writer overhead, drain rate, latency and worker memory (about 8 minutes).
+## Measure writer overhead, drain rate, latency and worker memory (about 9 minutes).
 bench: deps
 	bash scripts/bench.sh
+
+## Count the writer's instructions per transaction with callgrind (about 4 minutes).
+bench-profile: deps
+	bash scripts/profile.sh

@@ -19,10 +19,10 @@ install: deps
 deps:
 	bash scripts/install-deps.sh
 
-## Measure writer overhead, drain rate, latency and worker memory (about 9 minutes).
+## Measure writer overhead, drain rate, latency and worker memory (about 8 minutes after the build).
 bench: deps
 	bash scripts/bench.sh
 
-## Count the writer's instructions per transaction with callgrind (about 4 minutes).
+## Count the writer's instructions per transaction with callgrind (about 2 minutes).
 bench-profile: deps
 	bash scripts/profile.sh

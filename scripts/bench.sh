@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: writer overhead, drain rate, latency and worker memory, in one run against a
 # scratch PostgreSQL 15 cluster and the local dev broker. Prints a table and writes it to
-# bench/results/. Not part of `make test`. About 9 minutes.
+# bench/results/. Not part of `make test`. About 8 minutes after the build.
 #
 #   BENCH_SECONDS   pgbench duration per writer script and round (default 6)
 #   BENCH_ROUNDS    rounds of the writer comparison with the relay paused (default 3)

@@ -3,7 +3,7 @@
 # deterministic, unlike tps on a shared machine). Each writer script of `make bench` runs as
 # 200 and then 1,200 transactions in single-user mode (`postgres --single`); the difference
 # divided by 1,000 is the cost of one transaction, without start-up. No client protocol is
-# involved, so this is the server's work alone. About 4 minutes.
+# involved, so this is the server's work alone. About 2 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh

@@ -622,6 +622,23 @@ struct Emit {
     id: [u8; 16],
 }
 
+/// What the emit strategies generate, in the order of `Emit`'s fields.
+type EmitParts = (
+    (Option<String>, Option<String>, Option<String>, Option<String>),
+    HeadersArg,
+    Vec<String>,
+    MaxPayload,
+    [u8; 16],
+);
+
+impl Emit {
+    fn from_parts(
+        ((aggregatetype, aggregateid, event_type, payload), headers, template, max_payload, id): EmitParts,
+    ) -> Emit {
+        Emit { aggregatetype, aggregateid, event_type, payload, headers, template, max_payload, id }
+    }
+}
+
 fn emit_call() -> impl Strategy<Value = Emit> {
     (
         (text_arg(), text_arg(), text_arg(), payload()),
@@ -630,26 +647,7 @@ fn emit_call() -> impl Strategy<Value = Emit> {
         max_payload(),
         any::<[u8; 16]>(),
     )
-        .prop_map(
-            |(
-                (aggregatetype, aggregateid, event_type, payload),
-                headers,
-                template,
-                max_payload,
-                id,
-            )| {
-                Emit {
-                    aggregatetype,
-                    aggregateid,
-                    event_type,
-                    payload,
-                    headers,
-                    template,
-                    max_payload,
-                    id,
-                }
-            },
-        )
+        .prop_map(Emit::from_parts)
 }
 
 /// Up to `max` headers with distinct odd names and odd string values, sometimes with one
@@ -740,26 +738,7 @@ fn huge_emit_call() -> impl Strategy<Value = Emit> {
         ],
         any::<[u8; 16]>(),
     )
-        .prop_map(
-            |(
-                (aggregatetype, aggregateid, event_type, payload),
-                headers,
-                template,
-                max_payload,
-                id,
-            )| {
-                Emit {
-                    aggregatetype,
-                    aggregateid,
-                    event_type,
-                    payload,
-                    headers,
-                    template,
-                    max_payload,
-                    id,
-                }
-            },
-        )
+        .prop_map(Emit::from_parts)
 }
 
 // ---------------------------------------------------------------------------------------------

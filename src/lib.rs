@@ -9,10 +9,14 @@
 //!
 //! The rules (validation, wire format, routing, what may be confirmed) live in the pure-Rust
 //! `outbox_core` crate; this crate is the Postgres and librdkafka glue around it. All `unsafe`
-//! code is in `ffi.rs`.
+//! code is in `ffi/`, the only module where the lint below allows it, and every difference
+//! between PostgreSQL versions is in `ffi/compat.rs`.
+
+#![deny(unsafe_code)]
 
 mod emit;
 mod error;
+#[allow(unsafe_code)]
 mod ffi;
 mod gucs;
 mod readiness;
@@ -29,7 +33,7 @@ pub extern "C-unwind" fn _PG_init() {
         gucs::init();
         ffi::install_secret_log_filter();
         readiness::mark_preloaded();
-        status::init_shmem();
+        ffi::shmem::init();
         relay::register_worker();
     }
 }

@@ -3,9 +3,9 @@
 //! The worker is the only writer. Readers take the lock in shared mode for a copy. Nothing
 //! written here ever contains a setting's value, so the status is safe to show to any role.
 
+use crate::ffi::shmem::{ERROR_CAPACITY, NO_TIME, STATUS};
 use outbox_core::latency::{self, LatencyHistogram};
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 
 /// The relay's state, as `outbox.status()` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,53 +62,6 @@ impl RelayState {
             _ => RelayState::Stopped,
         }
     }
-}
-
-const ERROR_CAPACITY: usize = 480;
-const NO_TIME: i64 = i64::MIN;
-
-#[derive(Clone, Copy)]
-pub struct RelayStatus {
-    worker_pid: i32,
-    state: u8,
-    events_delivered: u64,
-    last_error_len: u16,
-    last_error: [u8; ERROR_CAPACITY],
-    last_error_at: i64,
-    last_delivery_at: i64,
-    /// Bumped by `outbox.resume()`; the worker compares it with the value it saw when it stopped.
-    resume_requests: u64,
-    /// The worker is about to drop the slot of a dropped installation: CREATE EXTENSION waits.
-    retiring: bool,
-    /// Transactions per commit → acknowledgement latency bucket, since the server started.
-    ack_latency: [u64; latency::BUCKETS],
-}
-
-impl Default for RelayStatus {
-    fn default() -> Self {
-        RelayStatus {
-            worker_pid: 0,
-            state: RelayState::Stopped as u8,
-            events_delivered: 0,
-            last_error_len: 0,
-            last_error: [0; ERROR_CAPACITY],
-            last_error_at: NO_TIME,
-            last_delivery_at: NO_TIME,
-            resume_requests: 0,
-            retiring: false,
-            ack_latency: [0; latency::BUCKETS],
-        }
-    }
-}
-
-// SAFETY: plain old data with no pointers; shared between processes under STATUS's LWLock.
-unsafe impl PGRXSharedMemory for RelayStatus {}
-
-static STATUS: PgLwLock<RelayStatus> = unsafe { PgLwLock::new(c"outbox_ext_status") };
-
-/// Reserves the shared memory; called from `_PG_init` while preloading.
-pub fn init_shmem() {
-    pg_shmem_init!(STATUS);
 }
 
 /// The worker's handle on the shared status. Keeps a local copy of the counters so that the
@@ -193,8 +146,7 @@ impl StatusWriter {
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn clear_on_exit(_code: i32, _arg: pg_sys::Datum) {
+fn clear_on_exit() {
     let mut s = STATUS.exclusive();
     if s.worker_pid == crate::ffi::my_pid() {
         s.worker_pid = 0;
@@ -259,15 +211,6 @@ fn ack_latency() -> TableIterator<'static, (name!(le_ms, f64), name!(transaction
     }))
 }
 
-pgrx::extension_sql!(
-    r#"
-COMMENT ON FUNCTION @extschema@.ack_latency() IS
-    'Cumulative histogram of commit → Kafka acknowledgement latency per transaction since the server started: transactions with latency <= le_ms.';
-"#,
-    name = "ack_latency_comment",
-    requires = [ack_latency]
-);
-
 /// Asks a relay stopped on a delivery error to try again. Returns whether it was stopped.
 #[pg_extern(name = "resume", volatile, parallel_unsafe)]
 fn resume() -> bool {
@@ -277,49 +220,8 @@ fn resume() -> bool {
     s.state == RelayState::DeliveryError as u8
 }
 
-pgrx::extension_sql!(
-    r#"
-REVOKE ALL ON FUNCTION @extschema@.resume() FROM PUBLIC;
-COMMENT ON FUNCTION @extschema@.resume() IS
-    'Makes a relay that stopped on a permanent delivery error (state delivery_error) try again from its slot.';
-"#,
-    name = "resume_grants",
-    requires = [resume]
-);
-
-pgrx::extension_sql!(
-    r#"
-CREATE FUNCTION status(
-    OUT worker_pid int,
-    OUT state text,
-    OUT slot_name text,
-    OUT confirmed_lsn pg_lsn,
-    OUT pending_bytes bigint,
-    OUT events_delivered bigint,
-    OUT last_error text,
-    OUT last_error_at timestamptz,
-    OUT last_delivery_at timestamptz)
-RETURNS record
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT r.worker_pid,
-           r.state,
-           current_setting('outbox.slot_name'),
-           s.confirmed_flush_lsn,
-           CASE WHEN s.confirmed_flush_lsn IS NOT NULL AND NOT pg_is_in_recovery()
-                THEN greatest(pg_wal_lsn_diff(pg_current_wal_flush_lsn(), s.confirmed_flush_lsn), 0)::bigint
-           END,
-           r.events_delivered,
-           r.last_error,
-           r.last_error_at,
-           r.last_delivery_at
-    FROM @extschema@._relay_status() r
-    LEFT JOIN pg_replication_slots s ON s.slot_name = current_setting('outbox.slot_name')
-$$;
-COMMENT ON FUNCTION status() IS
-    'The outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries and the last error.';
-"#,
+pgrx::extension_sql_file!(
+    "../sql/status.sql",
     name = "status_function",
-    requires = [relay_status]
+    requires = [relay_status, ack_latency, resume]
 );

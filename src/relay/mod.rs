@@ -22,6 +22,7 @@ pub const RESTART_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Registers the relay worker; called from `_PG_init` while preloading.
 pub fn register_worker() {
+    crate::ffi::set_relay_main(worker::relay_main);
     BackgroundWorkerBuilder::new("outbox_ext relay")
         .set_type("outbox_ext relay")
         .set_function("outbox_relay_main")

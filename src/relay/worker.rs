@@ -75,9 +75,8 @@ pub fn sleep(timeout: Duration) -> bool {
     !shutdown_requested()
 }
 
-#[pg_guard]
-#[no_mangle]
-pub extern "C-unwind" fn outbox_relay_main(_arg: pg_sys::Datum) {
+/// The relay worker's main function (started through `ffi::outbox_relay_main`).
+pub fn relay_main() {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let mut status = StatusWriter::attach(ffi::my_pid());
     let database = gucs::database();

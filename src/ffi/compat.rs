@@ -1,0 +1,144 @@
+//! Every difference between the PostgreSQL versions outbox_ext supports, and nothing else, as
+//! pg_squeeze keeps them behind `PG_VERSION_NUM`. The rest of `ffi` calls these functions, so
+//! that the relay reads the same on every version.
+//!
+//! | API                         | 15                 | 16                  | 17                 | 18                    |
+//! |-----------------------------|--------------------|---------------------|--------------------|-----------------------|
+//! | `LogLogicalMessage`         | 4 arguments        | 4                   | adds `flush`       | as 17                 |
+//! | `ReplicationSlotCreate`     | 4 arguments        | 4                   | adds `failover`, `synced` | as 17          |
+//! | `ReplicationSlotAcquire`    | 2 arguments        | 2                   | 2                  | adds `error_if_invalid` |
+//! | slot invalidation           | `invalidated_at` LSN | `invalidated` cause | as 16            | as 16                 |
+//! | `pqsignal` (backend)        | function           | function            | function           | macro for `pqsignal_be` |
+//! | `proc_exit` binding         | returns `!`        | returns `!`         | returns `!`        | returns `()` (`pg_noreturn`) |
+//!
+//! One rule depends on the minor release, not the major: 15.20 and 18.6 load output plugins
+//! only from `output_plugin_libraries`, while 16.2 and 17.9 have no such setting.
+//! `server::allow_own_output_plugin` handles both without a version switch.
+
+#[cfg(not(any(feature = "pg15", feature = "pg16", feature = "pg17", feature = "pg18")))]
+compile_error!("outbox_ext supports PostgreSQL 15, 16, 17 and 18: build with feature pg15, pg16, pg17 or pg18");
+
+use pgrx::pg_sys;
+use std::ffi::{c_char, c_int, CStr};
+
+extern "C-unwind" {
+    /// replication/message.h, which pgrx does not bind.
+    #[cfg(any(feature = "pg15", feature = "pg16"))]
+    fn LogLogicalMessage(
+        prefix: *const c_char,
+        message: *const c_char,
+        size: pg_sys::Size,
+        transactional: bool,
+    ) -> pg_sys::XLogRecPtr;
+
+    /// replication/message.h, which pgrx does not bind. PostgreSQL 17 added `flush`.
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    fn LogLogicalMessage(
+        prefix: *const c_char,
+        message: *const c_char,
+        size: pg_sys::Size,
+        transactional: bool,
+        flush: bool,
+    ) -> pg_sys::XLogRecPtr;
+}
+
+/// Writes a transactional logical-decoding message into the current transaction and returns its
+/// LSN. It is not flushed by itself: the transaction's commit record flushes it.
+///
+/// # Safety
+/// Must be called in a backend inside a transaction, through `super::guarded`.
+pub unsafe fn log_transactional_message(prefix: &CStr, body: &[u8]) -> pg_sys::XLogRecPtr {
+    let (prefix, message, size) = (prefix.as_ptr(), body.as_ptr().cast::<c_char>(), body.len());
+    // SAFETY: prefix is NUL-terminated and `message` is valid for `size` bytes; Postgres copies
+    // both into the WAL insertion buffers before returning. The caller is in a transaction.
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16"))]
+        let lsn = LogLogicalMessage(prefix, message, size, true);
+        #[cfg(any(feature = "pg17", feature = "pg18"))]
+        let lsn = LogLogicalMessage(prefix, message, size, true, false);
+        lsn
+    }
+}
+
+/// Creates a database-specific logical slot `name` (without two-phase decoding, not a failover
+/// slot) and makes it this process's `MyReplicationSlot`.
+///
+/// # Safety
+/// As `ReplicationSlotCreate`: outside a transaction, holding no slot, with a resource owner.
+pub unsafe fn replication_slot_create(name: &CStr, persistency: pg_sys::ReplicationSlotPersistency::Type) {
+    // SAFETY: the caller upholds ReplicationSlotCreate's contract; `name` is NUL-terminated and
+    // copied into the slot.
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16"))]
+        pg_sys::ReplicationSlotCreate(name.as_ptr(), true, persistency, false);
+        #[cfg(any(feature = "pg17", feature = "pg18"))]
+        pg_sys::ReplicationSlotCreate(name.as_ptr(), true, persistency, false, false, false);
+    }
+}
+
+/// Makes this process the owner of slot `name`, or raises an ERROR. An invalidated slot is
+/// acquired like any other on every version (PostgreSQL 18's `error_if_invalid` is off): the
+/// relay checks for invalidation itself, and decoding from such a slot raises an ERROR anyway.
+///
+/// # Safety
+/// As `ReplicationSlotAcquire`: outside a transaction, holding no slot, with a resource owner.
+pub unsafe fn replication_slot_acquire(name: &CStr, nowait: bool) {
+    // SAFETY: the caller upholds ReplicationSlotAcquire's contract; `name` is NUL-terminated.
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+        pg_sys::ReplicationSlotAcquire(name.as_ptr(), nowait);
+        #[cfg(feature = "pg18")]
+        pg_sys::ReplicationSlotAcquire(name.as_ptr(), nowait, false);
+    }
+}
+
+/// Whether the slot whose persistent data is at `data` was invalidated (it lost WAL it needed,
+/// or, from 16 on, rows it needed or `wal_level`; from 18 on, it was idle too long).
+///
+/// # Safety
+/// `data` must point into a live entry of the shared slot array. The field is read with a
+/// volatile read of one aligned word, as other processes may write it concurrently.
+pub unsafe fn slot_invalidated(data: *const pg_sys::ReplicationSlotPersistentData) -> bool {
+    // SAFETY: see above; no Rust reference to shared memory is formed.
+    unsafe {
+        #[cfg(feature = "pg15")]
+        let invalidated = std::ptr::addr_of!((*data).invalidated_at).read_volatile() != 0;
+        #[cfg(any(feature = "pg16", feature = "pg17", feature = "pg18"))]
+        let invalidated = std::ptr::addr_of!((*data).invalidated).read_volatile()
+            != pg_sys::ReplicationSlotInvalidationCause::RS_INVAL_NONE;
+        invalidated
+    }
+}
+
+/// Installs a plain C signal handler, as the backend's `pqsignal` does.
+///
+/// # Safety
+/// `handler` must be async-signal-safe in the way Postgres' own handlers are.
+pub unsafe fn set_signal_handler(signal: c_int, handler: unsafe extern "C-unwind" fn(c_int)) {
+    // SAFETY: pqsignal only installs the handler with sigaction.
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+        pg_sys::pqsignal(signal, Some(handler));
+        #[cfg(feature = "pg18")]
+        pg_sys::pqsignal_be(signal, Some(handler));
+    }
+}
+
+/// Ends the process through Postgres' exit path (its exit callbacks run first).
+///
+/// # Safety
+/// As `proc_exit`: on the process's main thread, with nothing that must not be skipped on
+/// the Rust stack.
+pub unsafe fn proc_exit(code: c_int) -> ! {
+    // SAFETY: the caller upholds proc_exit's contract. From 18 on the binding no longer says
+    // that it does not return, but proc_exit ends with exit() on every version.
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+        pg_sys::proc_exit(code);
+        #[cfg(feature = "pg18")]
+        {
+            pg_sys::proc_exit(code);
+            unreachable!("proc_exit returned")
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! decode: the logical-decoding session the relay keeps open on its slot, and the output-plugin
+//! callbacks (`_PG_output_plugin_init`) through which Postgres hands back each committed
+//! transaction's outbox messages, in commit order.
+
+use super::{ensure_resource_owner, guarded, server::flush_lsn};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::ffi::{c_char, CStr};
+
+extern "C-unwind" {
+    /// replication/decode.h
+    fn LogicalDecodingProcessRecord(
+        ctx: *mut pg_sys::LogicalDecodingContext,
+        record: *mut pg_sys::XLogReaderState,
+    );
+
+    /// access/xlogutils.h: the page reader for WAL of the local server. Declared here because
+    /// decoding needs the C function pointers rather than pgrx's guarded wrappers.
+    #[link_name = "read_local_xlog_page"]
+    fn c_read_local_xlog_page(
+        state: *mut pg_sys::XLogReaderState,
+        target_page: pg_sys::XLogRecPtr,
+        req_len: std::ffi::c_int,
+        target_rec: pg_sys::XLogRecPtr,
+        cur_page: *mut c_char,
+    ) -> std::ffi::c_int;
+    #[link_name = "wal_segment_open"]
+    fn c_wal_segment_open(
+        state: *mut pg_sys::XLogReaderState,
+        next_seg: pg_sys::XLogSegNo,
+        tli: *mut pg_sys::TimeLineID,
+    );
+    #[link_name = "wal_segment_close"]
+    fn c_wal_segment_close(state: *mut pg_sys::XLogReaderState);
+}
+
+/// One committed transaction, as the decoder reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct TxnInfo {
+    /// End of the commit record: the position to confirm once the transaction is delivered.
+    pub end_lsn: u64,
+    /// Commit time as a Postgres `TimestampTz`.
+    pub commit_time: i64,
+}
+
+/// Receives what decoding finds, in commit order.
+pub trait DecodeSink {
+    /// A transactional message under the outbox prefix, from transaction `txn`.
+    fn event(&mut self, txn: TxnInfo, body: &[u8]);
+    /// The commit of `txn` (called for every decoded transaction, with events or not).
+    fn commit(&mut self, txn: TxnInfo);
+}
+
+/// The XLogReaderRoutine for reading this server's own WAL.
+pub(super) fn local_wal_routine() -> pg_sys::XLogReaderRoutine {
+    pg_sys::XLogReaderRoutine {
+        page_read: Some(c_read_local_xlog_page),
+        segment_open: Some(c_wal_segment_open),
+        segment_close: Some(c_wal_segment_close),
+    }
+}
+
+
+/// An open logical-decoding context on the held slot, reading WAL from the slot's
+/// `restart_lsn` and skipping transactions that committed before `confirmed_flush`.
+pub struct DecodingSession {
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    /// When the slot was last written to disk by us.
+    last_save: std::time::Instant,
+    /// The confirmed position moved since then.
+    unsaved: bool,
+}
+
+/// How often a moving slot is written to disk. Postgres itself writes a logical slot only at
+/// checkpoints (or when restart_lsn moves); after a crash, everything confirmed since is sent
+/// again. Saving once a second bounds those duplicates to about a second of traffic, for one
+/// small fsync'd file write a second.
+const SLOT_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Points the output plugin at the sink for the duration of one record, and clears the
+/// pointer again even if decoding raises an ERROR (which pgrx turns into a panic).
+struct SinkGuard {
+    ctx: *mut pg_sys::LogicalDecodingContext,
+}
+
+impl Drop for SinkGuard {
+    fn drop(&mut self) {
+        // SAFETY: ctx is the live context of the session that created this guard.
+        unsafe { (*self.ctx).output_plugin_private = std::ptr::null_mut() }
+    }
+}
+
+/// What the plugin callbacks find behind `output_plugin_private`.
+struct SinkRef<'a> {
+    sink: &'a mut dyn DecodeSink,
+}
+
+impl DecodingSession {
+    /// Starts decoding on the held slot, from its confirmed position.
+    pub fn start() -> DecodingSession {
+        // SAFETY: runs in the worker, outside a transaction, holding the slot, as walsender's
+        // StartLogicalReplication does. The context is allocated under TopMemoryContext so
+        // that it lives until `Drop` frees it. The routine struct is copied by
+        // XLogReaderAllocate. read_local_xlog_page waits for WAL that is not yet flushed; we
+        // only ask for a record once the flush position is past the reader's position, so it
+        // waits at most for the tail of a record that is being flushed.
+        unsafe {
+            ensure_resource_owner();
+            pg_sys::CheckLogicalDecodingRequirements();
+            let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+            let mut routine = local_wal_routine();
+            let ctx = pg_sys::CreateDecodingContext(
+                0, // InvalidXLogRecPtr: start at the slot's confirmed_flush
+                std::ptr::null_mut(),
+                false,
+                &mut routine,
+                None,
+                None,
+                None,
+            );
+            pg_sys::MemoryContextSwitchTo(old);
+            pg_sys::XLogBeginRead((*ctx).reader, (*pg_sys::MyReplicationSlot).data.restart_lsn);
+            DecodingSession { ctx, last_save: std::time::Instant::now(), unsaved: false }
+        }
+    }
+
+    /// The position after the last record decoded.
+    pub fn decoded_upto(&self) -> u64 {
+        // SAFETY: ctx and its reader live until Drop.
+        unsafe { (*(*self.ctx).reader).EndRecPtr }
+    }
+
+    /// True if flushed WAL beyond what was decoded exists.
+    pub fn wal_available(&self) -> bool {
+        flush_lsn() > self.decoded_upto()
+    }
+
+    /// Decodes the next WAL record if one has been flushed, handing events and commits to
+    /// `sink`. Returns false when there is no flushed WAL to read.
+    pub fn decode_next(&mut self, sink: &mut dyn DecodeSink) -> bool {
+        if !self.wal_available() {
+            return false;
+        }
+        // SAFETY: ctx is live; XLogReadRecord returns a record owned by the reader, valid until
+        // the next read. The sink pointer stored in output_plugin_private points at a stack
+        // value that outlives the LogicalDecodingProcessRecord call, and SinkGuard clears it
+        // afterwards (also when an ERROR unwinds through here).
+        unsafe {
+            ensure_resource_owner();
+            let mut errormsg: *mut c_char = std::ptr::null_mut();
+            let record = pg_sys::XLogReadRecord((*self.ctx).reader, &mut errormsg);
+            if !errormsg.is_null() {
+                let msg = CStr::from_ptr(errormsg).to_string_lossy().into_owned();
+                pgrx::error!("outbox_ext: could not read WAL: {msg}");
+            }
+            if record.is_null() {
+                return false;
+            }
+            let mut sink_ref = SinkRef { sink };
+            (*self.ctx).output_plugin_private = (&mut sink_ref as *mut SinkRef<'_>).cast();
+            let _guard = SinkGuard { ctx: self.ctx };
+            let ctx = self.ctx;
+            guarded(|| LogicalDecodingProcessRecord(ctx, (*ctx).reader));
+        }
+        true
+    }
+
+    /// Tells Postgres that everything before `lsn` has been delivered: the slot's
+    /// confirmed_flush (and in time its restart_lsn) moves up to it. The slot is marked dirty
+    /// so that the next checkpoint (including the shutdown checkpoint) writes the new position
+    /// to disk: in PG15, LogicalConfirmReceivedLocation alone keeps it in memory unless
+    /// restart_lsn moves, and a restart would then resend what was already delivered.
+    pub fn confirm(&mut self, lsn: u64) {
+        // SAFETY: we hold the slot; LogicalConfirmReceivedLocation updates it under its
+        // spinlock (and saves it when restart_lsn moves), as for a walsender's feedback;
+        // ReplicationSlotMarkDirty only sets flags on our own slot.
+        unsafe {
+            if lsn > (*pg_sys::MyReplicationSlot).data.confirmed_flush {
+                pg_sys::LogicalConfirmReceivedLocation(lsn);
+                pg_sys::ReplicationSlotMarkDirty();
+                self.unsaved = true;
+            }
+            // Also when the position stopped moving: the last move of a burst must reach disk
+            // within a second, not at the next checkpoint, or a crash resends the whole burst.
+            if self.unsaved && self.last_save.elapsed() >= SLOT_SAVE_INTERVAL {
+                pg_sys::ReplicationSlotSave();
+                self.last_save = std::time::Instant::now();
+                self.unsaved = false;
+            }
+        }
+    }
+
+    /// Writes the slot's state to disk now (used when the worker stops).
+    pub fn save(&mut self) {
+        // SAFETY: we hold the slot; ReplicationSlotSave writes our own slot's file.
+        unsafe { pg_sys::ReplicationSlotSave() }
+    }
+}
+
+impl Drop for DecodingSession {
+    fn drop(&mut self) {
+        // SAFETY: ctx was made by CreateDecodingContext and is freed exactly once, here.
+        unsafe { pg_sys::FreeDecodingContext(self.ctx) }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The output plugin: `_PG_output_plugin_init` makes this library usable as the slot's plugin.
+// ---------------------------------------------------------------------------------------------
+
+/// Called by Postgres when a slot with plugin `outbox_ext` starts decoding.
+#[pg_guard]
+#[no_mangle]
+pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPluginCallbacks) {
+    // SAFETY: Postgres passes a valid, zeroed callback struct for us to fill in.
+    unsafe {
+        (*cb).startup_cb = Some(plugin_startup);
+        (*cb).begin_cb = Some(plugin_begin);
+        (*cb).change_cb = Some(plugin_change);
+        (*cb).commit_cb = Some(plugin_commit);
+        (*cb).message_cb = Some(plugin_message);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn plugin_startup(
+    _ctx: *mut pg_sys::LogicalDecodingContext,
+    options: *mut pg_sys::OutputPluginOptions,
+    _is_init: bool,
+) {
+    // SAFETY: options is a valid struct owned by the decoding context.
+    unsafe {
+        (*options).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
+        (*options).receive_rewrites = false;
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn plugin_begin(
+    _ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+) {
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn plugin_change(
+    _ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+    _relation: pg_sys::Relation,
+    _change: *mut pg_sys::ReorderBufferChange,
+) {
+    // Table changes are not events: only outbox messages are relayed.
+}
+
+/// The sink behind the context, or an ERROR if the plugin is used by anything but the relay
+/// (for example pg_logical_slot_get_changes on a slot created with this plugin).
+unsafe fn sink_of<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> &'a mut dyn DecodeSink {
+    // SAFETY: output_plugin_private is either NULL or the SinkRef set by decode_next for the
+    // duration of this callback.
+    unsafe {
+        let private = (*ctx).output_plugin_private as *mut SinkRef<'a>;
+        if private.is_null() {
+            pgrx::error!(
+                "the outbox_ext output plugin can only be used by the outbox_ext relay worker"
+            );
+        }
+        &mut *(*private).sink
+    }
+}
+
+unsafe fn txn_info(txn: *mut pg_sys::ReorderBufferTXN) -> TxnInfo {
+    // SAFETY: txn is the transaction being replayed; ReorderBufferCommit sets end_lsn and
+    // commit_time before replay starts.
+    unsafe { TxnInfo { end_lsn: (*txn).end_lsn, commit_time: (*txn).xact_time.commit_time } }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn plugin_commit(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    _commit_lsn: pg_sys::XLogRecPtr,
+) {
+    // SAFETY: see sink_of and txn_info.
+    unsafe {
+        if (*ctx).output_plugin_private.is_null() {
+            return;
+        }
+        sink_of(ctx).commit(txn_info(txn));
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn plugin_message(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    _message_lsn: pg_sys::XLogRecPtr,
+    transactional: bool,
+    prefix: *const c_char,
+    message_size: pg_sys::Size,
+    message: *const c_char,
+) {
+    // SAFETY: prefix is NUL-terminated and message holds message_size bytes, both owned by
+    // the reorder buffer for the duration of the callback.
+    unsafe {
+        if !transactional || CStr::from_ptr(prefix).to_bytes() != b"outbox_ext" {
+            return;
+        }
+        let body = std::slice::from_raw_parts(message as *const u8, message_size);
+        sink_of(ctx).event(txn_info(txn), body);
+    }
+}

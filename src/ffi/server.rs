@@ -1,0 +1,213 @@
+//! Small server calls and globals: `wal_level`, the clock, WAL positions, configuration, the
+//! extension's catalog entry, process exit, and the log filter that keeps secrets out of the
+//! server log.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::ffi::{CStr, CString};
+
+
+/// `wal_level` as its name.
+pub fn wal_level_name() -> &'static str {
+    // SAFETY: wal_level is a plain int GUC variable, only written by the GUC machinery on this
+    // same thread.
+    match unsafe { pg_sys::wal_level } as u32 {
+        pg_sys::WalLevel::WAL_LEVEL_MINIMAL => "minimal",
+        pg_sys::WalLevel::WAL_LEVEL_REPLICA => "replica",
+        _ => "logical",
+    }
+}
+
+pub fn wal_level_is_logical() -> bool {
+    // SAFETY: as above.
+    unsafe { pg_sys::wal_level as u32 >= pg_sys::WalLevel::WAL_LEVEL_LOGICAL }
+}
+
+/// True while `shared_preload_libraries` is being processed by the postmaster.
+pub fn loading_shared_preload_libraries() -> bool {
+    // SAFETY: a plain bool global set by the postmaster around library preloading.
+    unsafe { pg_sys::process_shared_preload_libraries_in_progress }
+}
+
+/// True if the current database's encoding is UTF-8.
+pub fn database_is_utf8() -> bool {
+    // SAFETY: GetDatabaseEncoding reads a backend-local global set at connection start.
+    unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 }
+}
+
+pub fn strong_random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    // SAFETY: pg_strong_random writes exactly `len` bytes into the buffer.
+    let ok = unsafe { pg_sys::pg_strong_random(buf.as_mut_ptr().cast(), buf.len()) };
+    if !ok {
+        pgrx::error!("outbox_ext: could not generate random bytes");
+    }
+    u64::from_ne_bytes(buf)
+}
+
+static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
+
+/// Installs a log hook that keeps `outbox.kafka_properties` out of the server log: on reload
+/// Postgres logs `parameter "X" changed to "value"` for every changed setting, whatever its
+/// flags, and the value may hold a SASL password. Called from `_PG_init` in the postmaster,
+/// so every server process inherits the hook.
+pub fn install_secret_log_filter() {
+    // SAFETY: hooks are installed once, from _PG_init while the postmaster preloads libraries,
+    // before any other thread or process exists to read them.
+    unsafe {
+        PREV_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(secret_log_filter);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn secret_log_filter(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: Postgres passes the ErrorData being reported; its strings are palloc'd in
+    // ErrorContext, which is also where we allocate the replacement message.
+    unsafe {
+        let e = &mut *edata;
+        if !e.message_id.is_null()
+            && !e.message.is_null()
+            && CStr::from_ptr(e.message_id).to_bytes() == b"parameter \"%s\" changed to \"%s\""
+            && CStr::from_ptr(e.message).to_string_lossy().contains(crate::gucs::KAFKA_PROPERTIES_NAME)
+        {
+            let old = pg_sys::MemoryContextSwitchTo(pg_sys::ErrorContext);
+            e.message = pg_sys::pstrdup(
+                c"parameter \"outbox.kafka_properties\" changed (value hidden)".as_ptr(),
+            );
+            pg_sys::MemoryContextSwitchTo(old);
+        }
+        if let Some(prev) = PREV_EMIT_LOG_HOOK {
+            prev(edata);
+        }
+    }
+}
+
+/// Makes `prefix.anything` a reserved GUC namespace (PG15+).
+pub fn reserve_guc_prefix(prefix: &str) {
+    let c = CString::new(prefix).expect("prefix has no NUL");
+    // SAFETY: MarkGUCPrefixReserved copies the string; called from _PG_init.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c.as_ptr()) }
+}
+
+pub fn my_pid() -> i32 {
+    // SAFETY: MyProcPid is set once at process start.
+    unsafe { pg_sys::MyProcPid }
+}
+
+/// The current time as a Postgres `TimestampTz`.
+pub fn now() -> i64 {
+    // SAFETY: GetCurrentTimestamp only reads the clock.
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// The WAL position known flushed to disk.
+pub fn flush_lsn() -> u64 {
+    // SAFETY: GetFlushRecPtr reads shared state under its own spinlock; NULL means we do not
+    // want the timeline.
+    unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) }
+}
+
+/// Re-reads postgresql.conf after SIGHUP.
+pub fn reload_config() {
+    // SAFETY: called from the worker's main loop, outside any transaction, as the postmaster's
+    // own children do on SIGHUP.
+    unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) }
+}
+
+/// Runs `callback` when this process exits, while shared memory and LWLocks still work (also
+/// after an ERROR ends a background worker).
+pub fn before_exit(callback: fn()) {
+    #[pg_guard]
+    unsafe extern "C-unwind" fn call(_code: i32, arg: pg_sys::Datum) {
+        // SAFETY: `arg` is the `fn()` that before_exit registered, as an address.
+        let callback = unsafe { std::mem::transmute::<usize, fn()>(arg.value()) };
+        callback();
+    }
+    // SAFETY: before_shmem_exit stores the pointer and the datum; `call` is a pg_guard'ed
+    // function of this library, which stays loaded until the process exits, and the datum is
+    // a function pointer, valid for as long.
+    unsafe { pg_sys::before_shmem_exit(Some(call), pg_sys::Datum::from(callback as usize)) }
+}
+
+/// The relay worker's main function, set by `_PG_init` before the postmaster starts any
+/// worker (which inherits it).
+static RELAY_MAIN: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Names the function that `outbox_relay_main`, the worker's exported entry point, runs.
+pub fn set_relay_main(main: fn()) {
+    let _ = RELAY_MAIN.set(main);
+}
+
+/// The background worker's entry point, by the name given to the postmaster.
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn outbox_relay_main(_arg: pg_sys::Datum) {
+    let main = RELAY_MAIN.get().expect("_PG_init sets the relay's main function");
+    main();
+}
+
+/// Ends the worker with `code` after running the usual exit callbacks (which release the
+/// replication slot). Exit code 1 asks the postmaster to start the worker again after its
+/// restart interval.
+pub fn exit_worker(code: i32) -> ! {
+    // SAFETY: proc_exit runs Postgres' exit callbacks and ends the process.
+    unsafe { super::compat::proc_exit(code) }
+}
+
+/// Some releases (15.20 and 18.6 among the tested ones, not 16.2 or 17.9) only load output
+/// plugins listed in `output_plugin_libraries`, a superuser setting. The relay decodes with this library as its plugin, so the
+/// worker adds `outbox_ext` to the setting for its own process only (session level); other
+/// backends keep the server's list.
+pub fn allow_own_output_plugin() {
+    // SAFETY: GetConfigOption returns NULL for an unknown setting (missing_ok) or a pointer to
+    // the current value, which we copy at once. SetConfigOption copies its arguments; the
+    // worker runs as the bootstrap superuser, so PGC_SUSET applies.
+    unsafe {
+        let current = pg_sys::GetConfigOption(c"output_plugin_libraries".as_ptr(), true, false);
+        if current.is_null() {
+            return;
+        }
+        let current = CStr::from_ptr(current).to_string_lossy().into_owned();
+        if current.split(',').any(|lib| lib.trim() == "outbox_ext") {
+            return;
+        }
+        let value = if current.trim().is_empty() {
+            "outbox_ext".to_string()
+        } else {
+            format!("{current}, outbox_ext")
+        };
+        let value = CString::new(value).expect("no NUL");
+        pg_sys::SetConfigOption(
+            c"output_plugin_libraries".as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+    }
+}
+
+/// Whether extension `outbox_ext` exists in this database. Must run inside a transaction.
+/// With `after_writers`, first waits for no transaction to be creating or dropping an
+/// extension (a share lock on pg_extension, held until the caller's transaction ends); returns
+/// None if one is, so that the caller tries again later instead of blocking.
+pub fn extension_installed(after_writers: bool) -> Option<bool> {
+    // SAFETY: inside a transaction. ConditionalLockRelationOid takes a lock that the
+    // transaction's end releases; acquiring it processes invalidations, so the catalog lookup
+    // that follows sees every transaction that committed before we got the lock.
+    unsafe {
+        if after_writers
+            && !pg_sys::ConditionalLockRelationOid(pg_sys::ExtensionRelationId, pg_sys::ShareLock as i32)
+        {
+            return None;
+        }
+        Some(pg_sys::get_extension_oid(c"outbox_ext".as_ptr(), true) != pg_sys::InvalidOid)
+    }
+}
+
+/// The current WAL insert position.
+pub fn wal_insert_lsn() -> u64 {
+    // SAFETY: GetXLogInsertRecPtr reads shared state under its own spinlock.
+    unsafe { pg_sys::GetXLogInsertRecPtr() }
+}
+

@@ -28,20 +28,7 @@ fn next_id() -> [u8; 16] {
 }
 
 /// Records one event in the caller's transaction and returns its id (a UUIDv7).
-#[pg_extern(
-    name = "emit",
-    sql = r#"
-CREATE FUNCTION emit(
-    aggregatetype text,
-    aggregateid text,
-    "type" text,
-    payload jsonb,
-    headers jsonb DEFAULT NULL
-) RETURNS uuid
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c AS 'MODULE_PATHNAME', 'emit_wrapper';
-"#
-)]
+#[pg_extern(name = "emit", sql = false)]
 fn emit(
     aggregatetype: Option<&str>,
     aggregateid: Option<&str>,
@@ -84,12 +71,5 @@ fn emit(
     pgrx::Uuid::from_bytes(id)
 }
 
-pgrx::extension_sql!(
-    r#"
-REVOKE ALL ON FUNCTION emit(text, text, text, jsonb, jsonb) FROM PUBLIC;
-COMMENT ON FUNCTION emit(text, text, text, jsonb, jsonb) IS
-    'Records an event in the current transaction; the relay publishes it to Kafka once the transaction commits.';
-"#,
-    name = "emit_grants",
-    requires = [emit]
-);
+// Its SQL (arguments, defaults, grants) is hand-written.
+pgrx::extension_sql_file!("../sql/emit.sql", name = "emit");

@@ -54,12 +54,4 @@ fn assert_ready() -> bool {
     true
 }
 
-pgrx::extension_sql!(
-    r#"
-SELECT @extschema@._assert_ready();
-REVOKE ALL ON FUNCTION @extschema@._assert_ready() FROM PUBLIC;
-GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
-"#,
-    name = "assert_ready_at_create",
-    finalize
-);
+pgrx::extension_sql_file!("../sql/finalize.sql", name = "assert_ready_at_create", finalize);

@@ -5,13 +5,50 @@ use std::path::{Path, PathBuf};
 use crate::SpawnGuarded;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-/// Where Debian's PostgreSQL 15 server binaries live; override with OUTBOX_PG_BIN.
-fn pg_bin() -> PathBuf {
-    std::env::var_os("OUTBOX_PG_BIN")
+/// The `pg_config` of the PostgreSQL under test: `OUTBOX_PG_CONFIG` (scripts/test.sh sets it for
+/// each version), or Debian's PostgreSQL 15.
+fn pg_config() -> PathBuf {
+    std::env::var_os("OUTBOX_PG_CONFIG")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin/pg_config"))
+}
+
+fn pg_config_value(flag: &str) -> String {
+    let out = check("pg_config", Command::new(pg_config()).arg(flag).guarded_output().expect("pg_config runs"));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Where the server programs (initdb, pg_ctl, postgres, pg_basebackup) of that version live.
+pub fn pg_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| PathBuf::from(pg_config_value("--bindir"))).clone()
+}
+
+/// The major version under test (15, 16, 17 or 18).
+pub fn pg_major() -> u32 {
+    static MAJOR: OnceLock<u32> = OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        // "PostgreSQL 17.9" or "PostgreSQL 15.20 (Debian ...)"
+        let version = pg_config_value("--version");
+        version
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("cannot read the major version from \"{version}\""))
+    })
+}
+
+/// Copies `script` (an extension script of an earlier release, from tests/fixtures) into the
+/// server's extension directory, so that `CREATE EXTENSION ... VERSION` can install it.
+pub fn install_extension_script(script: &Path) {
+    let dir = PathBuf::from(pg_config_value("--sharedir")).join("extension");
+    let target = dir.join(script.file_name().expect("a file"));
+    let mut cp = if is_root() { Command::new("cp") } else { let mut c = Command::new("sudo"); c.arg("cp"); c };
+    check("copy the extension script", cp.arg(script).arg(&target).guarded_output().unwrap());
 }
 
 fn is_root() -> bool {

@@ -1,6 +1,7 @@
-//! Test harness for outbox_ext: a scratch PostgreSQL 15 cluster with the extension preloaded,
-//! an in-process librdkafka mock Kafka cluster, and a consumer that reads back what the relay
-//! produced. Every wait has a deadline; nothing sleeps to synchronise.
+//! Test harness for outbox_ext: a scratch cluster of the PostgreSQL under test (15–18, chosen by
+//! `OUTBOX_PG_CONFIG`) with the extension preloaded, an in-process librdkafka mock Kafka
+//! cluster, and a consumer that reads back what the relay produced. Every wait has a deadline;
+//! nothing sleeps to synchronise.
 
 pub mod checker;
 pub mod cluster;
@@ -8,7 +9,7 @@ pub mod kafka;
 pub mod load;
 
 pub use checker::{check, Emitted, Report};
-pub use cluster::PgCluster;
+pub use cluster::{install_extension_script, pg_major, PgCluster};
 pub use kafka::{Collector, MockKafka, Record};
 pub use load::{Load, LoadShape};
 

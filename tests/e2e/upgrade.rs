@@ -1,0 +1,93 @@
+//! Upgrades, as a package upgrade does them: the new library is installed while a database
+//! still has the previous version of the extension, with events waiting in WAL; then
+//! `ALTER EXTENSION outbox_ext UPDATE`. Nothing pending is lost, and the upgraded schema is the
+//! same as a fresh installation's.
+
+use outbox_tests::{
+    check, install_extension_script, wait_until, Collector, Emitted, MockKafka, PgCluster, DEADLINE,
+};
+use std::path::Path;
+
+/// The first release. Its install script, as it shipped, is tests/fixtures/outbox_ext--0.1.0.sql.
+const FIRST_RELEASE: &str = "0.1.0";
+
+/// Everything of the extension a user can see or rely on, one line per object: members,
+/// function signatures, results, volatility, security, settings, grants, comments and bodies,
+/// tables and their columns, and the schema's grants.
+fn schema_of(pg: &PgCluster) -> String {
+    pg.sql(
+        "SELECT string_agg(line, E'\\n' ORDER BY line) FROM (
+             SELECT 'member ' || pg_describe_object(classid, objid, 0) AS line
+             FROM pg_depend
+             WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+               AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'outbox_ext')
+             UNION ALL
+             SELECT format('function %s returns %s volatile=%s parallel=%s strict=%s secdef=%s config=%s acl=%s comment=%s body=%s',
+                           p.oid::regprocedure, pg_get_function_result(p.oid), p.provolatile, p.proparallel,
+                           p.proisstrict, p.prosecdef, p.proconfig, p.proacl, obj_description(p.oid, 'pg_proc'),
+                           md5(p.prosrc))
+             FROM pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace
+             UNION ALL
+             SELECT format('function %s argument defaults %s', p.oid::regprocedure, pg_get_function_arguments(p.oid))
+             FROM pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace
+             UNION ALL
+             SELECT format('relation %s kind=%s acl=%s comment=%s', c.relname, c.relkind, c.relacl,
+                           obj_description(c.oid, 'pg_class'))
+             FROM pg_class c WHERE c.relnamespace = 'outbox'::regnamespace
+             UNION ALL
+             SELECT format('column %s.%s %s not_null=%s default=%s', c.relname, a.attname,
+                           format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid))
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+             LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+             WHERE c.relnamespace = 'outbox'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+             UNION ALL
+             SELECT format('schema acl=%s', nspacl) FROM pg_namespace WHERE nspname = 'outbox'
+         ) objects",
+    )
+}
+
+#[test]
+fn update_from_the_first_release_keeps_pending_events_and_matches_a_fresh_install() {
+    let topic = "outbox.event.upgrade";
+    let kafka = MockKafka::start(3);
+    kafka.create_topic(topic, 3);
+    install_extension_script(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/outbox_ext--0.1.0.sql"));
+    // No Kafka settings yet: the events wait in WAL across the upgrade.
+    let pg = PgCluster::init(&[]);
+    pg.sql(&format!("CREATE EXTENSION outbox_ext VERSION '{FIRST_RELEASE}'"));
+    wait_until("the relay to make its slot", DEADLINE, || pg.status("confirmed_lsn") != "");
+    assert_eq!(pg.sql("SELECT extversion FROM pg_extension WHERE extname = 'outbox_ext'"), FIRST_RELEASE);
+    let current = pg.sql("SELECT default_version FROM pg_available_extensions WHERE name = 'outbox_ext'");
+    assert_ne!(current, FIRST_RELEASE, "the build under test must be a later version");
+
+    let mut emitted = Emitted::default();
+    for batch in 0..10 {
+        for (id, key) in pg.emit_batch("upgrade", "k", 7, batch * 50, 50, true) {
+            emitted.commit(id, key);
+        }
+    }
+    pg.wait_for_state("unconfigured", DEADLINE);
+    let pending: i64 = pg.status("pending_bytes").parse().unwrap();
+    assert!(pending > 0, "events wait in WAL: pending_bytes {pending}");
+
+    pg.sql("ALTER EXTENSION outbox_ext UPDATE");
+    assert_eq!(pg.sql("SELECT extversion FROM pg_extension WHERE extname = 'outbox_ext'"), current);
+
+    // What was emitted under the old version arrives, and emit keeps working.
+    pg.set("outbox.bootstrap_servers", &kafka.bootstrap);
+    pg.wait_for_state("streaming", DEADLINE);
+    for (id, key) in pg.emit_batch("upgrade", "k", 7, 500, 50, true) {
+        emitted.commit(id, key);
+    }
+    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
+    c.until_all(&emitted, DEADLINE);
+    check(&emitted, &c.records).assert_ok("ALTER EXTENSION UPDATE with 500 events pending", 0);
+
+    // An upgraded database and a fresh installation have the same objects.
+    pg.sql("CREATE DATABASE fresh");
+    let fresh = PgCluster::attach(&pg, "fresh");
+    fresh.sql("CREATE EXTENSION outbox_ext");
+    let (upgraded, installed) = (schema_of(&pg), schema_of(&fresh));
+    assert!(installed.lines().count() > 20, "the comparison sees the extension's objects:\n{installed}");
+    assert_eq!(upgraded, installed, "the upgraded schema differs from a fresh installation");
+}

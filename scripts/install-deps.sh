@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Installs what building and testing outbox_ext needs, skipping whatever is already there:
 # Debian packages (PostgreSQL 15 server and headers, a C toolchain and libclang for pgrx and
-# librdkafka), cargo-pgrx 0.18.1, and pgrx's configuration for the system PostgreSQL 15.
+# librdkafka), the PostgreSQL 16, 17 and 18 test fixtures (scripts/postgres.sh), cargo-pgrx
+# 0.18.1, and pgrx's configuration for all four versions.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/postgres.sh
 
 PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 build-essential pkg-config
           clang libclang-dev libssl-dev zlib1g-dev libzstd-dev sudo python3 bc)
+command -v pip >/dev/null || PACKAGES+=(python3-pip)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -21,11 +25,22 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+for v in "${SUPPORTED_PG_VERSIONS[@]}"; do
+    fetch_pg "$v"
+done
+
 if [ "$(cargo pgrx --version 2>/dev/null)" != "cargo-pgrx 0.18.1" ]; then
     echo "installing cargo-pgrx 0.18.1 (takes a few minutes)"
     cargo install cargo-pgrx --version 0.18.1 --locked
 fi
 
-if ! grep -qs '^pg15 = "/usr/bin/pg_config"' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
-    cargo pgrx init --pg15=/usr/bin/pg_config
+init_args=()
+configured=true
+for v in "${SUPPORTED_PG_VERSIONS[@]}"; do
+    pg_config=$(pg_config_path "$v")
+    init_args+=("--pg$v=$pg_config")
+    grep -qs "^pg$v = \"$pg_config\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml" || configured=false
+done
+if ! $configured; then
+    cargo pgrx init "${init_args[@]}"
 fi

@@ -1,40 +1,82 @@
 #!/usr/bin/env bash
-# Runs every test suite and ends with one line: "N passed, M failed".
-#   1. outbox_core unit tests (pure Rust, no Postgres)
-#   2. cargo pgrx test: emit's validation and settings inside a preloaded server
-#   3. integration tests: scratch PG15 clusters + librdkafka mock Kafka clusters
+# `make test`: every suite on every supported PostgreSQL (PG=NN for one version). Prints the
+# counts per version, then one line: "N passed, M failed".
+#
+#   1. outbox_core unit tests (pure Rust, no Postgres), once
+#   2. per version, cargo pgrx test pgNN: emit's validation and settings in a preloaded server
+#   3. per version, integration tests: scratch clusters of that version + librdkafka mock Kafka
+#      clusters. Every version runs delivery, transactions, lifecycle, recovery (worker kills,
+#      pg_ctl stop -m immediate), setup and upgrade; the long fault suites (faults, wal_safety)
+#      run on the newest version only, to keep CI within its time (E2E_FULL=1: on every version).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
 
-log=$(mktemp)
+read -r -a VERSIONS <<<"${PG_VERSIONS:-${PG:-${SUPPORTED_PG_VERSIONS[*]}}}"
+NEWEST=${SUPPORTED_PG_VERSIONS[-1]}
+E2E_EVERY_VERSION=(delivery transactions lifecycle recovery setup upgrade)
+E2E_NEWEST_ONLY=(faults wal_safety)
+
+logdir=$(mktemp -d)
 failed_suites=()
+# run NAME COMMAND...: runs a suite, keeping its output in $logdir/NAME.log.
 run() {
     local name=$1; shift
     echo "==> $name: $*"
-    if ! "$@" 2>&1 | tee -a "$log"; then
+    if ! "$@" 2>&1 | tee "$logdir/$name.log"; then
         failed_suites+=("$name")
     fi
 }
+# counts FILE...: "passed failed" summed over cargo's "test result:" lines.
+counts() {
+    cat "$@" 2>/dev/null | grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' |
+        awk '{p+=$4; f+=$6} END {print p+0, f+0}'
+}
+
+for v in "${VERSIONS[@]}"; do
+    check_pg_version "$v" || exit 2
+    fetch_pg "$v" || exit 2
+done
 
 run core cargo test -p outbox_core
 
-pgrx_args=(pg15)
-if is_root; then
-    pgdata=$(mktemp -d /tmp/outbox-pgrx-XXXXXX)
-    chown postgres:postgres "$pgdata"
-    pgrx_args+=(--runas postgres --pgdata "$pgdata")
-fi
-run pg_test cargo pgrx test "${pgrx_args[@]}"
+for v in "${VERSIONS[@]}"; do
+    use_pg "$v"
+    echo "==> PostgreSQL $v: $("$PG_CONFIG" --version)"
+    pgrx_args=("pg$v")
+    pgdata=
+    if is_root; then
+        pgdata=$(mktemp -d /tmp/outbox-pgrx-XXXXXX)
+        chown postgres:postgres "$pgdata"
+        pgrx_args+=(--runas postgres --pgdata "$pgdata")
+    fi
+    run "pg$v-pg_test" cargo pgrx test "${pgrx_args[@]}"
+    [ -n "$pgdata" ] && rm -rf "$pgdata"
 
-# cargo pgrx test installed a build with the test schema; install the plain one.
-run install install_extension
-run e2e cargo test -p outbox_tests --tests -- --nocapture
+    # cargo pgrx test installed a build with the test schema; install the plain one.
+    run "pg$v-install" install_extension
+    suites=("${E2E_EVERY_VERSION[@]}")
+    if [ "$v" = "$NEWEST" ] || [ -n "${E2E_FULL:-}" ]; then
+        suites+=("${E2E_NEWEST_ONLY[@]}")
+    fi
+    tests=()
+    for s in "${suites[@]}"; do tests+=(--test "$s"); done
+    run "pg$v-e2e" env OUTBOX_PG_CONFIG="$PG_CONFIG" cargo test -p outbox_tests "${tests[@]}" -- --nocapture
+done
 
-passed=$(grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
-rm -f "$log"
-[ -n "${pgdata:-}" ] && rm -rf "$pgdata"
+echo
+echo "==> results"
+read -r p f < <(counts "$logdir/core.log")
+printf '%-16s %4d passed, %d failed\n' "core" "$p" "$f"
+for v in "${VERSIONS[@]}"; do
+    read -r tp tf < <(counts "$logdir/pg$v-pg_test.log")
+    read -r ep ef < <(counts "$logdir/pg$v-e2e.log")
+    printf '%-16s %4d passed, %d failed (pg_test %d/%d, e2e %d/%d)\n' "PostgreSQL $v" \
+        $((tp + ep)) $((tf + ef)) "$tp" $((tp + tf)) "$ep" $((ep + ef))
+done
+
+read -r passed failed < <(counts "$logdir"/*.log)
+rm -rf "$logdir"
 if [ ${#failed_suites[@]} -gt 0 ] && [ "$failed" -eq 0 ]; then
     failed=${#failed_suites[@]}
 fi

@@ -1,7 +1,7 @@
 //! What an operator meets first: the extension refuses to run on a server that is not set up
 //! for it, emit is not for everyone, and the Kafka properties stay hidden.
 
-use outbox_tests::{MockKafka, PgCluster, DEADLINE};
+use outbox_tests::{pg_major, Collector, MockKafka, PgCluster, DEADLINE};
 
 #[test]
 fn create_extension_requires_preloading() {
@@ -74,5 +74,32 @@ fn emit_needs_a_grant_and_kafka_properties_stay_hidden() {
     assert!(log.contains("configuration reloaded"), "the reloads are in the log");
     for secret in ["not-for-app", "hunter2"] {
         assert!(!log.contains(secret), "the server log shows kafka_properties ({secret})");
+    }
+}
+
+/// Some releases (15.20 and 18.6 among the tested ones) load output plugins only from
+/// `output_plugin_libraries`; others (16.2, 17.9) have no such setting. Either way the relay
+/// decodes with its own library, and the server's list stays as the operator set it.
+#[test]
+fn the_relay_decodes_whatever_output_plugin_libraries_allows() {
+    let kafka = MockKafka::start(1);
+    kafka.create_topic("outbox.event.plugin", 1);
+    let mut pg = PgCluster::start(&[("outbox.bootstrap_servers", &kafka.bootstrap)]);
+    let present = pg.sql("SELECT count(*) FROM pg_settings WHERE name = 'output_plugin_libraries'") == "1";
+    eprintln!("[output_plugin_libraries] PostgreSQL {}: {}", pg_major(), if present { "present" } else { "absent" });
+    if present {
+        // The strictest list that still lets the server's own replication work.
+        pg.sql("ALTER SYSTEM SET output_plugin_libraries = 'pgoutput'");
+        pg.pg_ctl_stop("fast");
+        pg.pg_ctl_start();
+    }
+    pg.wait_for_state("streaming", DEADLINE);
+    let id = pg.sql("SELECT outbox.emit('plugin', 'p-1', 'Probe', '{}')");
+    let mut c = Collector::new(&kafka.bootstrap, &[("outbox.event.plugin", 1)]);
+    c.until("the event", DEADLINE, |r| r.iter().any(|r| r.header("id") == Some(id.as_str())));
+    if present {
+        assert_eq!(pg.sql("SHOW output_plugin_libraries"), "pgoutput", "sessions keep the server's list");
+        let err = pg.sql_error("SELECT pg_create_logical_replication_slot('by_hand', 'outbox_ext')");
+        assert!(err.contains("may not be used as an output plugin"), "{err}");
     }
 }

@@ -51,13 +51,41 @@ pub trait DecodeSink {
     fn commit(&mut self, txn: TxnInfo);
 }
 
-/// The XLogReaderRoutine for reading this server's own WAL.
+/// The XLogReaderRoutine for reading this server's own WAL, waiting for WAL that is not yet
+/// flushed (used while creating the slot, where `die` handles SIGTERM).
 pub(super) fn local_wal_routine() -> pg_sys::XLogReaderRoutine {
     pg_sys::XLogReaderRoutine {
         page_read: Some(c_read_local_xlog_page),
         segment_open: Some(c_wal_segment_open),
         segment_close: Some(c_wal_segment_close),
     }
+}
+
+/// `XLREAD_FAIL`: the page reader could not supply the page (xlogreader.h, 15 and later).
+const XLREAD_FAIL: std::ffi::c_int = -1;
+
+/// The relay's page reader: `read_local_xlog_page`, except that it never waits. That function
+/// sleeps until the requested bytes are flushed, and its sleep only ends early for interrupts
+/// that a worker with pgrx's signal handlers never raises. A record whose tail is not flushed
+/// (the WAL writer flushes whole pages, and nothing flushes the records of a transaction that
+/// rolled back) would then hold the worker: no delivery reports, no reload, no SIGTERM, and a
+/// fast shutdown waits for ever, since the shutdown checkpoint that would flush the tail only
+/// comes after the worker exits. Instead the page is reported as unavailable: XLogReadRecord
+/// returns no record and no error, and reads the same record again on the next call.
+#[pg_guard]
+unsafe extern "C-unwind" fn read_flushed_wal_page(
+    state: *mut pg_sys::XLogReaderState,
+    target_page: pg_sys::XLogRecPtr,
+    req_len: std::ffi::c_int,
+    target_rec: pg_sys::XLogRecPtr,
+    cur_page: *mut c_char,
+) -> std::ffi::c_int {
+    if target_page + req_len as u64 > flush_lsn() {
+        return XLREAD_FAIL;
+    }
+    // SAFETY: the reader passes its own valid arguments through; the requested bytes are
+    // flushed, so read_local_xlog_page reads them without waiting.
+    unsafe { guarded(|| c_read_local_xlog_page(state, target_page, req_len, target_rec, cur_page)) }
 }
 
 
@@ -101,14 +129,13 @@ impl DecodingSession {
         // SAFETY: runs in the worker, outside a transaction, holding the slot, as walsender's
         // StartLogicalReplication does. The context is allocated under TopMemoryContext so
         // that it lives until `Drop` frees it. The routine struct is copied by
-        // XLogReaderAllocate. read_local_xlog_page waits for WAL that is not yet flushed; we
-        // only ask for a record once the flush position is past the reader's position, so it
-        // waits at most for the tail of a record that is being flushed.
+        // XLogReaderAllocate. The page reader never waits (see read_flushed_wal_page).
         unsafe {
             ensure_resource_owner();
             pg_sys::CheckLogicalDecodingRequirements();
             let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
-            let mut routine = local_wal_routine();
+            let mut routine =
+                pg_sys::XLogReaderRoutine { page_read: Some(read_flushed_wal_page), ..local_wal_routine() };
             let ctx = pg_sys::CreateDecodingContext(
                 0, // InvalidXLogRecPtr: start at the slot's confirmed_flush
                 std::ptr::null_mut(),
@@ -135,8 +162,8 @@ impl DecodingSession {
         flush_lsn() > self.decoded_upto()
     }
 
-    /// Decodes the next WAL record if one has been flushed, handing events and commits to
-    /// `sink`. Returns false when there is no flushed WAL to read.
+    /// Decodes the next WAL record if all of it has been flushed, handing events and commits to
+    /// `sink`. Returns false, without waiting, when there is none.
     pub fn decode_next(&mut self, sink: &mut dyn DecodeSink) -> bool {
         if !self.wal_available() {
             return false;

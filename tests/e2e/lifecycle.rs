@@ -3,6 +3,7 @@
 
 use outbox_tests::{streaming_relay, wait_until, Collector, MockKafka, PgCluster, DEADLINE};
 use std::collections::HashSet;
+use std::time::Duration;
 
 fn emit_batch(pg: &PgCluster, aggregatetype: &str, from: i64, count: i64) {
     pg.sql(&format!(
@@ -176,6 +177,41 @@ fn a_clean_restart_resends_nothing() {
         r.iter().filter_map(|r| r.json()["seq"].as_i64()).collect::<HashSet<_>>().len() == 2100
     });
     assert_eq!(assert_complete(&c, 2100), 0, "duplicates after a clean restart");
+}
+
+/// The relay never waits inside the WAL reader. An open transaction's records are flushed
+/// page by page by the WAL writer, so the flush position can end inside one of them, and
+/// nothing flushes the rest until a commit or the background writer's next snapshot (every
+/// 15 s; never during a shutdown). A relay that waited there for the record's tail would fall
+/// behind the flushed WAL and ignore SIGTERM, SIGHUP and Kafka for as long, and a fast
+/// shutdown would wait for it for ever once the WAL writer has stopped.
+#[test]
+fn the_relay_keeps_up_and_obeys_sigterm_while_the_flushed_wal_ends_inside_a_record() {
+    let (_kafka, mut pg, mut c) = setup("outbox.event.tail", &[]);
+    pg.sql("CREATE TABLE filler (g int, pad text)");
+    emit_batch(&pg, "tail", 0, 10);
+    c.until_count(10, DEADLINE);
+    let mut open = pg.session();
+    open.send("BEGIN; INSERT INTO filler SELECT g, repeat('x', 300) FROM generate_series(1, 20000) g;");
+    wait_until("the open transaction's insert to finish", DEADLINE, || {
+        pg.sql("SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' AND query LIKE '%filler%'") == "1"
+    });
+    // While the tail is unflushed, the relay decodes and confirms everything before it.
+    wait_until("the relay to decode the flushed part while the rest is not flushed", Duration::from_secs(10), || {
+        pg.sql(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_flush_lsn(), '0/0') % 8192 = 0
+                AND pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn()
+                AND pending_bytes < 8192
+             FROM outbox.status()",
+        ) == "t"
+    });
+    let pid = pg.worker_pid().expect("worker runs");
+    pg.sql(&format!("SELECT pg_terminate_backend({pid})"));
+    wait_until("the relay to exit on SIGTERM", Duration::from_secs(10), || pg.status("worker_pid") != pid.to_string());
+    assert_eq!(pg.sql("SELECT pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn()"), "t", "the tail stayed unflushed");
+    open.send("ROLLBACK;");
+    open.finish();
+    pg.pg_ctl_stop("fast");
 }
 
 #[test]

@@ -122,12 +122,16 @@ fn another_client_cannot_take_the_slot() {
     let err = pg.sql_error("SELECT pg_drop_replication_slot('outbox_ext')");
     assert!(err.starts_with("55006"), "{err}");
     // A second slot with the extension's plugin cannot be used to read events either: servers
-    // with output_plugin_libraries refuse to create it; older ones refuse to decode with it.
+    // with output_plugin_libraries (15.20, 18.6) refuse to create it; the others (16.2, 17.9)
+    // refuse to decode with it, as text (the plugin's output is binary) or as binary (the
+    // plugin serves only the relay).
     match pg.try_sql("SELECT pg_create_logical_replication_slot('intruder', 'outbox_ext')") {
         Err(e) => assert!(e.contains("may not be used as an output plugin"), "{e}"),
         Ok(_) => {
             pg.sql("SELECT outbox.emit('slot', 'k', 'E', '{}')");
             let err = pg.sql_error("SELECT * FROM pg_logical_slot_get_changes('intruder', NULL, NULL)");
+            assert!(err.starts_with("0A000") && err.contains("produces binary output"), "{err}");
+            let err = pg.sql_error("SELECT * FROM pg_logical_slot_get_binary_changes('intruder', NULL, NULL)");
             assert!(err.contains("only be used by the outbox_ext relay"), "{err}");
             pg.sql("SELECT pg_drop_replication_slot('intruder')");
         }

@@ -1,9 +1,9 @@
 # outbox_ext — see README.md. PG=15|16|17|18 selects the PostgreSQL version (default: 15 for
-# demo, bench and install; every version for test).
+# demo, bench and install; every version for test and package).
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/outbox_ext/target
 
-.PHONY: demo test install deps bench bench-profile
+.PHONY: demo test install deps bench bench-profile package
 
 ## Install what is missing, build, and show events flowing from SQL to a local dev broker.
 demo: deps
@@ -27,3 +27,7 @@ bench: deps
 ## Count the writer's instructions per transaction with callgrind (about 2 minutes).
 bench-profile: deps
 	bash scripts/profile.sh
+
+## Build the .deb and .tar.gz of every version (or PG=NN) into packages/.
+package: deps
+	bash scripts/package.sh

@@ -8,6 +8,9 @@
 #      clusters. Every version runs delivery, transactions, lifecycle, recovery (worker kills,
 #      pg_ctl stop -m immediate), setup and upgrade; the long fault suites (faults, wal_safety)
 #      run on the newest version only, to keep CI within its time (E2E_FULL=1: on every version).
+#   4. with PACKAGE_TEST=1 (as .ci/run does, as root): builds the PostgreSQL 15 package, installs
+#      it with dpkg into the system's PostgreSQL 15 in place of the cargo build, and runs the
+#      emit → Kafka record test against that installation; then removes the package.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -61,8 +64,28 @@ for v in "${VERSIONS[@]}"; do
     fi
     tests=()
     for s in "${suites[@]}"; do tests+=(--test "$s"); done
-    run "pg$v-e2e" env OUTBOX_PG_CONFIG="$PG_CONFIG" cargo test -p outbox_tests "${tests[@]}" -- --nocapture
+    run "pg$v-e2e" env OUTBOX_PG_CONFIG="$PG_CONFIG" cargo test --no-fail-fast -p outbox_tests "${tests[@]}" -- --nocapture
 done
+
+# The package, installed by dpkg alone: no cargo-installed file may remain in its place.
+package_test() {
+    local deb
+    PG_VERSIONS=15 bash scripts/package.sh || return 1
+    deb=$(ls packages/postgresql-15-outbox-ext_*_amd64.deb) || return 1
+    rm -f /usr/lib/postgresql/15/lib/outbox_ext.so /usr/share/postgresql/15/extension/outbox_ext*
+    dpkg -i "$deb" || return 1
+    dpkg -S /usr/lib/postgresql/15/lib/outbox_ext.so /usr/share/postgresql/15/extension/outbox_ext.control || return 1
+    dpkg --verify postgresql-15-outbox-ext || return 1
+    local status=0
+    OUTBOX_PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config \
+        cargo test -p outbox_tests --test delivery record_has_topic_key_value_headers_and_commit_timestamp -- --nocapture || status=1
+    dpkg --verify postgresql-15-outbox-ext || status=1
+    dpkg -r postgresql-15-outbox-ext >/dev/null || status=1
+    return $status
+}
+if [ -n "${PACKAGE_TEST:-}" ]; then
+    run package package_test
+fi
 
 echo
 echo "==> results"
@@ -74,6 +97,11 @@ for v in "${VERSIONS[@]}"; do
     printf '%-16s %4d passed, %d failed (pg_test %d/%d, e2e %d/%d)\n' "PostgreSQL $v" \
         $((tp + ep)) $((tf + ef)) "$tp" $((tp + tf)) "$ep" $((ep + ef))
 done
+
+if [ -n "${PACKAGE_TEST:-}" ]; then
+    read -r kp kf < <(counts "$logdir/package.log")
+    printf '%-16s %4d passed, %d failed (emit → Kafka against the dpkg-installed 15 package)\n' "package" "$kp" "$kf"
+fi
 
 read -r passed failed < <(counts "$logdir"/*.log)
 rm -rf "$logdir"

@@ -10,9 +10,10 @@
 # dpkg-shlibdeps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+requested=${PG_VERSIONS:-${PG:-}}   # before common.sh, which selects PG=15 by default
 . scripts/common.sh
 
-read -r -a VERSIONS <<<"${PG_VERSIONS:-${PG:-${SUPPORTED_PG_VERSIONS[*]}}}"
+read -r -a VERSIONS <<<"${requested:-${SUPPORTED_PG_VERSIONS[*]}}"
 OUT=${PACKAGE_DIR:-$PWD/packages}
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 mkdir -p "$OUT"

@@ -13,9 +13,10 @@
 #      emit → Kafka record test against that installation; then removes the package.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+requested=${PG_VERSIONS:-${PG:-}}   # before common.sh, which selects PG=15 by default
 . scripts/common.sh
 
-read -r -a VERSIONS <<<"${PG_VERSIONS:-${PG:-${SUPPORTED_PG_VERSIONS[*]}}}"
+read -r -a VERSIONS <<<"${requested:-${SUPPORTED_PG_VERSIONS[*]}}"
 NEWEST=${SUPPORTED_PG_VERSIONS[-1]}
 E2E_EVERY_VERSION=(delivery transactions lifecycle recovery setup upgrade)
 E2E_NEWEST_ONLY=(faults wal_safety)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make bench`: writer overhead, drain rate, latency and worker memory, in one run against a
-# scratch PostgreSQL 15 cluster and the local dev broker. Prints a table and writes it to
-# bench/results/. Not part of `make test`. About 8 minutes after the build.
+# `make bench`: writer overhead, drain rate and its ceiling, latency and worker memory, in one run
+# against a scratch cluster of PostgreSQL $PG (default 15; `make bench PG=18`) and the local dev
+# broker. Prints a table and writes it to bench/results/. Not part of `make test`. About 10
+# minutes after the build.
 #
 #   BENCH_SECONDS   pgbench duration per writer script and round (default 6)
 #   BENCH_ROUNDS    rounds of the writer comparison with the relay paused (default 3)
@@ -18,7 +19,7 @@ BACKLOG=${BENCH_EVENTS:-1000000}
 SHARED=${SHARED_BENCH:-../shared/bench}
 DIR=${BENCH_DIR:-/tmp/outbox-bench}
 PORT=${BENCH_PORT:-55433}
-OUT=bench/results/$(date -u +%Y%m%d-%H%M%S).md
+OUT=bench/results/$(date -u +%Y%m%d-%H%M%S)-pg$PG.md
 mkdir -p bench/results
 
 echo "==> building (release) and installing"
@@ -46,7 +47,7 @@ sql() { psql -X -A -t -q -v ON_ERROR_STOP=1 -U postgres -h "$DIR" -p "$PORT" -d 
 status() { sql "SELECT $1 FROM outbox.status()"; }
 set_conf() { sql "ALTER SYSTEM SET $1 = '$2'" && sql "SELECT pg_reload_conf()" >/dev/null; }
 wait_state() { for _ in $(seq 600); do [ "$(status state)" = "$1" ] && return 0; sleep 0.1; done; echo "relay never reached $1" >&2; return 1; }
-pgb() { as_pg pgbench -h "$DIR" -p "$PORT" -U postgres -n "$@" postgres 2>&1; }
+pgb() { as_pg "$PG_BIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -n "$@" postgres 2>&1; }
 worker_mem() { # RssAnon and VmHWM of the relay, in MB
     local pid; pid=$(status worker_pid)
     awk '/^RssAnon|^VmHWM/ {printf "%s=%.1f ", $1, $2/1024}' "/proc/$pid/status"
@@ -92,39 +93,56 @@ set_conf outbox.bootstrap_servers "$BOOTSTRAP"
 wait_state streaming
 writer_round streaming
 
-# ---------------------------------------------------------------- 2. drain rate
-echo "==> drain: $BACKLOG events of ~200 bytes over 1000 keys, emitted with the relay unconfigured"
-set_conf outbox.bootstrap_servers ''
-wait_state unconfigured
-per_txn=50000
-start=$(date +%s.%N)
-for ((from = 0; from < BACKLOG; from += per_txn * 2)); do
-    writers=()
-    for half in 0 1; do
-        lo=$((from + half * per_txn)); hi=$((lo + per_txn - 1)); [ $hi -ge $BACKLOG ] && hi=$((BACKLOG - 1))
-        [ $lo -lt $BACKLOG ] || continue
-        sql "SELECT count(outbox.emit('bench', 'agg-' || (i % 1000), 'Tick', jsonb_build_object('seq', i, 'pad', repeat('x', 170)))) FROM generate_series($lo, $hi) AS i" >/dev/null &
-        writers+=($!)
+# ---------------------------------------------------------------- 2. drain rate and its ceiling
+# drain LABEL: emits the backlog with the relay unconfigured, then releases it and times the
+# delivery. Sets DRAIN_RATE, DRAIN_SECS, DRAIN_PEAK and DRAIN_WAL for LABEL.
+declare -A DRAIN_RATE DRAIN_SECS DRAIN_PEAK DRAIN_WAL
+drain() {
+    local label=$1 per_txn=50000 from lo hi half writers start
+    set_conf outbox.bootstrap_servers ''
+    wait_state unconfigured
+    start=$(date +%s.%N)
+    for ((from = 0; from < BACKLOG; from += per_txn * 2)); do
+        writers=()
+        for half in 0 1; do
+            lo=$((from + half * per_txn)); hi=$((lo + per_txn - 1)); [ $hi -ge $BACKLOG ] && hi=$((BACKLOG - 1))
+            [ $lo -lt $BACKLOG ] || continue
+            sql "SELECT count(outbox.emit('bench', 'agg-' || (i % 1000), 'Tick', jsonb_build_object('seq', i, 'pad', repeat('x', 170)))) FROM generate_series($lo, $hi) AS i" >/dev/null &
+            writers+=($!)
+        done
+        wait "${writers[@]}"
     done
-    wait "${writers[@]}"
-done
-emit_secs=$(echo "$(date +%s.%N) - $start" | bc -l)
-backlog_bytes=$(status pending_bytes)
-delivered0=$(status events_delivered)
-peak_drain=0
-set_conf outbox.bootstrap_servers "$BOOTSTRAP"
-t0=$(date +%s.%N)
-while :; do
-    d=$(( $(status events_delivered) - delivered0 ))
-    m=$(anon_mb); peak_drain=$(echo "if ($m > $peak_drain) $m else $peak_drain" | bc -l)
-    [ "$d" -ge "$BACKLOG" ] && break
-    sleep 0.05
-done
-drain_secs=$(echo "$(date +%s.%N) - $t0" | bc -l)
-drain_rate=$(echo "$BACKLOG / $drain_secs" | bc -l)
+    local emit_secs backlog_bytes delivered0 peak=0 d m t0
+    emit_secs=$(echo "$(date +%s.%N) - $start" | bc -l)
+    backlog_bytes=$(status pending_bytes)
+    delivered0=$(status events_delivered)
+    set_conf outbox.bootstrap_servers "$BOOTSTRAP"
+    t0=$(date +%s.%N)
+    while :; do
+        d=$(( $(status events_delivered) - delivered0 ))
+        m=$(anon_mb); peak=$(echo "if ($m > $peak) $m else $peak" | bc -l)
+        [ "$d" -ge "$BACKLOG" ] && break
+        sleep 0.05
+    done
+    DRAIN_SECS[$label]=$(echo "$(date +%s.%N) - $t0" | bc -l)
+    DRAIN_RATE[$label]=$(echo "$BACKLOG / ${DRAIN_SECS[$label]}" | bc -l)
+    DRAIN_PEAK[$label]=$peak
+    DRAIN_WAL[$label]=$backlog_bytes
+    printf "    %s: emitted in %.1f s, WAL backlog %s bytes; drained in %.2f s = %.0f events/s\n" \
+        "$label" "$emit_secs" "$backlog_bytes" "${DRAIN_SECS[$label]}" "${DRAIN_RATE[$label]}"
+}
+# restart_with [FEATURES]: stops the cluster, installs the release build (with FEATURES), starts.
+restart_with() {
+    as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null
+    install_extension --release ${1:+--features "$1"} >"$DIR/install.log" 2>&1 || { cat "$DIR/install.log"; exit 1; }
+    as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
+    wait_state streaming
+}
+echo "==> drain: $BACKLOG events of ~200 bytes over 1000 keys, emitted with the relay unconfigured"
+drain kafka
+peak_drain=${DRAIN_PEAK[kafka]}
 payload_mb=$(sql "SELECT sum(length(jsonb_build_object('seq', i, 'pad', repeat('x', 170))::text)) / 1e6 FROM generate_series(0, $BACKLOG - 1) i")
-drain_mbs=$(echo "$payload_mb / $drain_secs" | bc -l)
-echo "    emitted in ${emit_secs}s, WAL backlog $backlog_bytes bytes; drained in ${drain_secs}s"
+drain_mbs=$(echo "$payload_mb / ${DRAIN_SECS[kafka]}" | bc -l)
 
 # ---------------------------------------------------------------- 3. latency
 # Each load runs twice. Without a consumer: commit → acknowledgement from the relay's own
@@ -173,6 +191,15 @@ for consumer in no yes; do
 done
 streaming_mem=${MEM[10000]}
 
+# ---------------------------------------------------------------- 5. the drain's ceiling
+# The same backlog and worker, built with feature ceiling_sink, which acknowledges each record
+# at once instead of producing it: what remains is PostgreSQL's decoding and our own code.
+# Last, because it restarts the server twice.
+echo "==> drain ceiling: the same with Kafka replaced by a sink that acknowledges at once"
+restart_with ceiling_sink
+drain ceiling
+restart_with
+
 # ---------------------------------------------------------------- report
 ratio() { echo "${TPS[$1,$2,$3]} / ${TPS[$1,$2,$4]}" | bc -l; }
 # "median (min–max)" of the per-round ratios $3 ÷ $4 in mode $1, sync $2
@@ -217,7 +244,10 @@ echo
 echo "## 2. Drain rate"
 echo
 printf "%s events (%.0f MB of payload, %s bytes of WAL) emitted with the relay unconfigured, then released: drained in %.2f s = **%.0f events/s**, %.1f MB/s of payload. Peak worker RssAnon while draining: %.1f MB.\n" \
-    "$BACKLOG" "$payload_mb" "$backlog_bytes" "$drain_secs" "$drain_rate" "$drain_mbs" "$peak_drain"
+    "$BACKLOG" "$payload_mb" "${DRAIN_WAL[kafka]}" "${DRAIN_SECS[kafka]}" "${DRAIN_RATE[kafka]}" "$drain_mbs" "$peak_drain"
+echo
+printf "Ceiling: the same backlog drained by the same worker built with \`ceiling_sink\` (each record acknowledged at once instead of produced, so what remains is PostgreSQL's decoding and our own code): %.2f s = **%.0f events/s**. Drain ÷ ceiling = **%.2f**.\n" \
+    "${DRAIN_SECS[ceiling]}" "${DRAIN_RATE[ceiling]}" "$(echo "${DRAIN_RATE[kafka]} / ${DRAIN_RATE[ceiling]}" | bc -l)"
 echo
 echo "## 3. Latency (20 s of steady load; synchronous_commit=on, wal_writer_delay=10ms, producer linger.ms=1)"
 echo

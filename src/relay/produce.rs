@@ -187,6 +187,11 @@ impl KafkaProducer {
         for (k, v) in headers {
             h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
         }
+        if cfg!(feature = "ceiling_sink") {
+            // The bench's ceiling: everything up to here, and an acknowledgement at once.
+            let _ = self.producer.context().reports.send(Report::Delivery { seq, error: None });
+            return Ok(());
+        }
         let record = BaseRecord::with_opaque_to(topic, seq as usize)
             .key(key)
             .payload(payload)

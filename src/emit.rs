@@ -47,6 +47,7 @@ fn emit(
     };
     let limits = EmitLimits {
         max_payload_bytes: gucs::max_payload_bytes(),
+        max_record_bytes: gucs::max_record_bytes(),
         topic_template: &topic_template,
     };
     let event = event::validate(args, limits).or_raise();

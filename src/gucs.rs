@@ -17,6 +17,7 @@ static TOPIC_GUC: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"outbox.event.{aggregatetype}"));
 static KAFKA_PROPERTIES_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 static MAX_PAYLOAD_BYTES_GUC: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
+static MAX_RECORD_BYTES_GUC: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 static MAX_PENDING_MB_GUC: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 /// Registers the settings and reserves the `outbox` prefix, so a typo such as
@@ -75,6 +76,16 @@ pub fn init() {
         GucFlags::UNIT_BYTE,
     );
     GucRegistry::define_int_guc(
+        c"outbox.max_record_bytes",
+        c"outbox.emit() rejects events whose Kafka record (key, value and headers) would be larger than this.",
+        c"Also the producer's message.max.bytes. The default is librdkafka's, and fits the broker's default max.message.bytes.",
+        &MAX_RECORD_BYTES_GUC,
+        1_000,
+        1_000_000_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
         c"outbox.max_pending_bytes",
         c"outbox.emit() fails while the relay has more WAL than this still to get through (0: no limit).",
         c"Back-pressure on writers during a Kafka outage, before the slot fills the disk.",
@@ -120,4 +131,9 @@ pub fn max_pending_bytes() -> Option<u64> {
 
 pub fn max_payload_bytes() -> usize {
     MAX_PAYLOAD_BYTES_GUC.get().max(1) as usize
+}
+
+/// The largest Kafka record, in librdkafka's measure; also the producer's message.max.bytes.
+pub fn max_record_bytes() -> usize {
+    MAX_RECORD_BYTES_GUC.get().max(1) as usize
 }

@@ -126,6 +126,7 @@ mod tests {
             ("outbox.slot_name", "postmaster", "outbox_ext"),
             ("outbox.topic", "sighup", "outbox.event.{aggregatetype}"),
             ("outbox.max_payload_bytes", "superuser", "1000000"),
+            ("outbox.max_record_bytes", "sighup", "1000000"),
             ("outbox.max_pending_bytes", "sighup", "0"),
         ];
         for (name, context, setting) in rows {

@@ -44,6 +44,9 @@ pub enum OutboxError {
     InvalidHeaders { reason: String },
     /// The payload's JSON text is longer than `outbox.max_payload_bytes`.
     PayloadTooLarge { size: usize, max: usize },
+    /// The Kafka record the relay would make of the event (key, value and headers, as librdkafka
+    /// sizes it) is larger than `outbox.max_record_bytes`.
+    RecordTooLarge { size: usize, max: usize, key: usize, value: usize, headers: usize },
     /// A text argument is longer than the wire format can carry.
     ArgumentTooLong { argument: &'static str, size: usize },
     /// The library was not loaded through `shared_preload_libraries`.
@@ -68,7 +71,9 @@ impl OutboxError {
             EmptyArgument { .. } | IllegalTopic { .. } | InvalidHeaders { .. } => {
                 SqlState::InvalidParameterValue
             }
-            PayloadTooLarge { .. } | ArgumentTooLong { .. } => SqlState::ProgramLimitExceeded,
+            PayloadTooLarge { .. } | RecordTooLarge { .. } | ArgumentTooLong { .. } => {
+                SqlState::ProgramLimitExceeded
+            }
             NotPreloaded
             | WalLevelTooLow { .. }
             | SlotMissing { .. }
@@ -108,6 +113,10 @@ impl OutboxError {
             PayloadTooLarge { .. } => {
                 Some("Raise outbox.max_payload_bytes (and the broker's message.max.bytes) or send a smaller payload.".into())
             }
+            RecordTooLarge { .. } => Some(
+                "Emit a smaller event, or raise outbox.max_record_bytes together with the topics' max.message.bytes on the brokers."
+                    .into(),
+            ),
             IllegalTopic { .. } => Some(
                 "Kafka topic names use only ASCII letters, digits, '.', '_' and '-', at most 249 characters."
                     .into(),
@@ -130,6 +139,11 @@ impl fmt::Display for OutboxError {
             PayloadTooLarge { size, max } => write!(
                 f,
                 "outbox.emit(): payload is {size} bytes, more than outbox.max_payload_bytes ({max})"
+            ),
+            RecordTooLarge { size, max, key, value, headers } => write!(
+                f,
+                "outbox.emit(): the Kafka record would be {size} bytes (key {key}, value {value}, headers {headers}, record overhead {}), more than outbox.max_record_bytes ({max})",
+                crate::routing::RECORD_OVERHEAD
             ),
             ArgumentTooLong { argument, size } => {
                 write!(f, "outbox.emit(): {argument} is {size} bytes, which is too long")
@@ -184,6 +198,7 @@ mod tests {
             OutboxError::IllegalTopic { topic: "a b".into(), reason: "x" },
             OutboxError::InvalidHeaders { reason: "x".into() },
             OutboxError::PayloadTooLarge { size: 2, max: 1 },
+            OutboxError::RecordTooLarge { size: 2, max: 1, key: 0, value: 0, headers: 0 },
             OutboxError::ArgumentTooLong { argument: "type", size: 1 },
             OutboxError::NotPreloaded,
             OutboxError::WalLevelTooLow { current: "replica".into() },

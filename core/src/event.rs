@@ -44,6 +44,9 @@ pub struct EmitArgs<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct EmitLimits<'a> {
     pub max_payload_bytes: usize,
+    /// The largest Kafka record (key, value and headers as the relay sends them, sized as
+    /// librdkafka sizes them against `message.max.bytes`).
+    pub max_record_bytes: usize,
     pub topic_template: &'a str,
 }
 
@@ -98,7 +101,31 @@ pub fn validate<'a>(
         None => Vec::new(),
         Some(json) => parse_headers(json)?,
     };
-    Ok(ValidEvent { aggregatetype, aggregateid, event_type, payload, headers })
+    let event = ValidEvent { aggregatetype, aggregateid, event_type, payload, headers };
+    check_record_size(&event, limits.max_record_bytes)?;
+    Ok(event)
+}
+
+/// The record the relay will make of `event` (see `routing::record_headers`) must fit
+/// `max_record_bytes`, so that librdkafka and the broker never refuse it for its size.
+fn check_record_size(event: &ValidEvent<'_>, max_record_bytes: usize) -> Result<(), OutboxError> {
+    // The id header is the hyphenated UUID: 36 characters, whatever the id.
+    const ID_TEXT: &str = "00000000-0000-0000-0000-000000000000";
+    let headers = [("id", ID_TEXT), ("type", event.event_type), ("aggregatetype", event.aggregatetype)]
+        .into_iter()
+        .chain(event.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let size = routing::record_size(event.aggregateid, event.payload, headers);
+    if size > max_record_bytes {
+        let (key, value) = (event.aggregateid.len(), event.payload.len());
+        return Err(OutboxError::RecordTooLarge {
+            size,
+            max: max_record_bytes,
+            key,
+            value,
+            headers: size - routing::RECORD_OVERHEAD - key - value,
+        });
+    }
+    Ok(())
 }
 
 fn required<'a>(argument: &'static str, value: Option<&'a str>) -> Result<&'a str, OutboxError> {
@@ -260,8 +287,11 @@ pub fn decode(body: &[u8]) -> Result<EventRef<'_>, DecodeError> {
 mod tests {
     use super::*;
 
-    const LIMITS: EmitLimits<'static> =
-        EmitLimits { max_payload_bytes: 1000, topic_template: "outbox.event.{aggregatetype}" };
+    const LIMITS: EmitLimits<'static> = EmitLimits {
+        max_payload_bytes: 1000,
+        max_record_bytes: 1_000_000,
+        topic_template: "outbox.event.{aggregatetype}",
+    };
 
     fn args() -> EmitArgs<'static> {
         EmitArgs {
@@ -348,6 +378,37 @@ mod tests {
         assert_eq!(e.sqlstate().code(), "54000");
         let fits = format!("\"{}\"", "x".repeat(998));
         assert!(validate(EmitArgs { payload: Some(&fits), ..args() }, LIMITS).is_ok());
+    }
+
+    /// The record of `args()`: 36 of overhead, key "o-1" (3), value `{"a": 1}` (8), headers id
+    /// (1 + 2 + 1 + 36), type (1 + 4 + 1 + 12) and aggregatetype (1 + 13 + 1 + 5).
+    const ARGS_RECORD: usize = 36 + 3 + 8 + 40 + 18 + 20;
+
+    #[test]
+    fn every_part_of_the_record_counts_against_max_record_bytes() {
+        let at = |max| EmitLimits { max_record_bytes: max, ..LIMITS };
+        assert!(validate(args(), at(ARGS_RECORD)).is_ok());
+        let e = validate(args(), at(ARGS_RECORD - 1)).unwrap_err();
+        assert_eq!(
+            e,
+            OutboxError::RecordTooLarge { size: ARGS_RECORD, max: ARGS_RECORD - 1, key: 3, value: 8, headers: 78 }
+        );
+        assert_eq!(e.sqlstate().code(), "54000");
+        assert!(e.hint().is_some());
+        // One more byte in any part: key, value, type, aggregatetype, a header name or value.
+        let header = r#"{"k": "v"}"#;
+        let with_header = ARGS_RECORD + 1 + 1 + 1 + 1;
+        for (part, a, size) in [
+            ("key", EmitArgs { aggregateid: Some("o-12"), ..args() }, ARGS_RECORD + 1),
+            ("value", EmitArgs { payload: Some(r#"{"a": 12}"#), ..args() }, ARGS_RECORD + 1),
+            ("type", EmitArgs { event_type: Some("OrderCreatedX"), ..args() }, ARGS_RECORD + 1),
+            ("aggregatetype", EmitArgs { aggregatetype: Some("orders"), ..args() }, ARGS_RECORD + 1),
+            ("headers", EmitArgs { headers: Some(header), ..args() }, with_header),
+        ] {
+            assert!(validate(a, at(size)).is_ok(), "{part} at the limit");
+            let e = validate(a, at(size - 1)).unwrap_err();
+            assert!(matches!(e, OutboxError::RecordTooLarge { .. }), "{part} one byte over: {e:?}");
+        }
     }
 
     #[test]

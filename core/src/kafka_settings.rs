@@ -22,9 +22,6 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("queue.buffering.max.messages", "20000"),
     // Batches fill by themselves under load; a short linger keeps an idle relay's latency low.
     ("linger.ms", "1"),
-    // Room for a payload of outbox.max_payload_bytes (1,000,000 by default) plus key and
-    // headers, and still within the broker's default message.max.bytes (1,048,588).
-    ("message.max.bytes", "1048576"),
 ];
 
 /// Settings the relay's guarantees rest on; a user value that contradicts them is refused.
@@ -35,7 +32,12 @@ pub const REQUIRED: &[(&str, &str)] =
     &[("enable.idempotence", "true"), ("enable.gapless.guarantee", "true")];
 
 /// Keys that the relay sets from other GUCs and that `outbox.kafka_properties` cannot set.
-pub const OWNED_ELSEWHERE: &[(&str, &str)] = &[("bootstrap.servers", "outbox.bootstrap_servers")];
+/// `message.max.bytes` is `outbox.max_record_bytes`, the limit `outbox.emit()` enforces, so that
+/// librdkafka never refuses for its size a record that emit accepted.
+pub const OWNED_ELSEWHERE: &[(&str, &str)] = &[
+    ("bootstrap.servers", "outbox.bootstrap_servers"),
+    ("message.max.bytes", "outbox.max_record_bytes"),
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SettingsError {
@@ -122,6 +124,7 @@ pub fn parse_properties(text: &str) -> Result<Vec<(String, String)>, SettingsErr
 pub fn producer_config(
     bootstrap_servers: &str,
     kafka_properties: &str,
+    max_record_bytes: usize,
 ) -> Result<Vec<(String, String)>, SettingsError> {
     let user = parse_properties(kafka_properties)?;
     let mut config: Vec<(String, String)> =
@@ -144,6 +147,7 @@ pub fn producer_config(
         config.push((key, value));
     }
     config.push(("bootstrap.servers".into(), bootstrap_servers.to_string()));
+    config.push(("message.max.bytes".into(), max_record_bytes.to_string()));
     for (k, v) in REQUIRED {
         config.retain(|(key, _)| key != k);
         config.push((k.to_string(), v.to_string()));
@@ -155,6 +159,8 @@ pub fn producer_config(
 mod tests {
     use super::*;
 
+    const MAX: usize = 1_000_000;
+
     fn get<'a>(c: &'a [(String, String)], k: &str) -> Option<&'a str> {
         c.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
     }
@@ -164,6 +170,7 @@ mod tests {
         let c = producer_config(
             "b1:9092,b2:9092",
             " security.protocol = SASL_SSL ; sasl.password=s3cret ;linger.ms=0;",
+            MAX,
         )
         .unwrap();
         assert_eq!(get(&c, "bootstrap.servers"), Some("b1:9092,b2:9092"));
@@ -195,8 +202,9 @@ mod tests {
             format!("sasl.password={secret};enable.idempotence=false"),
             format!("sasl.password={secret};acks=1"),
             format!("sasl.password={secret};bootstrap.servers=x"),
+            format!("sasl.password={secret};message.max.bytes=5"),
         ] {
-            let e = producer_config("b:1", &text).unwrap_err();
+            let e = producer_config("b:1", &text, MAX).unwrap_err();
             assert!(!e.to_string().contains(secret), "{e}");
             assert!(!format!("{e:?}").contains(secret), "{e:?}");
         }
@@ -205,16 +213,25 @@ mod tests {
     #[test]
     fn idempotence_and_acks_cannot_be_weakened() {
         assert!(matches!(
-            producer_config("b:1", "enable.idempotence=false"),
+            producer_config("b:1", "enable.idempotence=false", MAX),
             Err(SettingsError::Required { .. })
         ));
-        assert_eq!(producer_config("b:1", "acks=1"), Err(SettingsError::Acks));
-        assert!(producer_config("b:1", "acks=all;enable.idempotence=TRUE").is_ok());
+        assert_eq!(producer_config("b:1", "acks=1", MAX), Err(SettingsError::Acks));
+        assert!(producer_config("b:1", "acks=all;enable.idempotence=TRUE", MAX).is_ok());
+    }
+
+    #[test]
+    fn message_max_bytes_is_max_record_bytes() {
+        assert_eq!(get(&producer_config("b:1", "", 12_345).unwrap(), "message.max.bytes"), Some("12345"));
+        assert_eq!(
+            producer_config("b:1", "message.max.bytes=2000000", MAX),
+            Err(SettingsError::OwnedElsewhere { key: "message.max.bytes".into(), guc: "outbox.max_record_bytes" })
+        );
     }
 
     #[test]
     fn empty_properties_give_defaults() {
-        let c = producer_config("b:1", "").unwrap();
+        let c = producer_config("b:1", "", MAX).unwrap();
         assert_eq!(get(&c, "queue.buffering.max.kbytes"), Some("16384"));
         assert_eq!(parse_properties(" ; ;").unwrap(), vec![]);
         assert_eq!(parse_properties("a"), Err(SettingsError::MissingEquals { index: 1 }));

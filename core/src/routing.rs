@@ -60,6 +60,34 @@ pub fn record_headers<'a>(event: &'a EventRef<'a>, id_text: &'a str) -> Vec<(&'a
     headers
 }
 
+/// What librdkafka adds to key, value and headers when it sizes a record against
+/// `message.max.bytes` (`RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`): the largest varints of the record's
+/// length (5), attributes (1), timestamp delta (10), offset delta (5), key length (5), value
+/// length (5) and header count (5).
+pub const RECORD_OVERHEAD: usize = 36;
+
+/// The length of a header name or value's length as the record carries it: a zig-zag varint.
+fn varint_len(n: usize) -> usize {
+    let mut zigzag = (n as u64) << 1;
+    let mut len = 1;
+    while zigzag >= 0x80 {
+        zigzag >>= 7;
+        len += 1;
+    }
+    len
+}
+
+/// The size librdkafka gives a record when it checks it against `message.max.bytes`
+/// (`rd_kafka_msg_max_wire_size`): [`RECORD_OVERHEAD`], key, value, and for each header its name
+/// and value with their varint lengths. A record of exactly `message.max.bytes` is accepted.
+pub fn record_size<'a>(key: &str, value: &str, headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> usize {
+    let headers: usize = headers
+        .into_iter()
+        .map(|(name, value)| varint_len(name.len()) + name.len() + varint_len(value.len()) + value.len())
+        .sum();
+    RECORD_OVERHEAD + key.len() + value.len() + headers
+}
+
 /// The hyphenated form of an event id, for the `id` header.
 pub fn id_text(event: &EventRef<'_>) -> String {
     uuid7::to_hyphenated(&event.id)
@@ -83,6 +111,19 @@ mod tests {
         for bad in ["", ".", "..", "a b", "a/b", "ä", "a\u{0}", &"a".repeat(250)] {
             assert!(check_topic(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn record_size_is_librdkafkas() {
+        // 36 of overhead, key 3, value 2, and the header "id" (1 + 2 + 1 + 36 bytes).
+        let id = "00000000-0000-0000-0000-000000000000";
+        assert_eq!(record_size("o-1", "{}", [("id", id)]), 36 + 3 + 2 + 40);
+        // A length of 63 takes one varint byte, 64 two (zig-zag doubles it), 8192 three.
+        for (len, varint) in [(0, 1), (63, 1), (64, 2), (8191, 2), (8192, 3), (1_048_575, 3), (1_048_576, 4)] {
+            let value = "v".repeat(len);
+            assert_eq!(record_size("", "", [("h", value.as_str())]), 36 + 2 + varint + len, "{len}");
+        }
+        assert_eq!(record_size("", "", []), RECORD_OVERHEAD);
     }
 
     #[test]

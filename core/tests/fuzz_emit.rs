@@ -19,6 +19,7 @@
 //! | payload's JSON text at most `outbox.max_payload_bytes` bytes | `PayloadTooLarge` | 54000 |
 //! | headers: SQL NULL, JSON `null`, or a JSON object whose values are strings, none named `id`, `type` or `aggregatetype` | `InvalidHeaders` | 22023 |
 //! | text arguments at most `u32::MAX` bytes (wire format) | `ArgumentTooLong` | 54000 |
+//! | the Kafka record (key, value, headers `id`, `type`, `aggregatetype` and the event's own, sized as librdkafka sizes it) at most `outbox.max_record_bytes` | `RecordTooLarge` | 54000 |
 //!
 //! The last rule needs 4 GiB inputs, so it is not exercised here; every input generated here is
 //! far below it and must therefore never be refused for length.
@@ -793,8 +794,12 @@ impl Emit {
 
     /// `validate` on this call's arguments and configuration.
     fn validate(&self, template: &str) -> Result<ValidEvent<'_>, OutboxError> {
-        let limits =
-            EmitLimits { max_payload_bytes: self.max_payload_bytes(), topic_template: template };
+        // The record limit has its own property (`the_record_limit_counts_every_part`).
+        let limits = EmitLimits {
+            max_payload_bytes: self.max_payload_bytes(),
+            max_record_bytes: usize::MAX,
+            topic_template: template,
+        };
         let args = EmitArgs {
             aggregatetype: self.aggregatetype.as_deref(),
             aggregateid: self.aggregateid.as_deref(),
@@ -1283,7 +1288,8 @@ fn every_character_follows_the_topic_rule() {
         ] {
             let template = format!("{prefix}{PLACEHOLDER}");
             let topic = format!("{prefix}{aggregatetype}");
-            let limits = EmitLimits { max_payload_bytes: 100, topic_template: &template };
+            let limits =
+                EmitLimits { max_payload_bytes: 100, max_record_bytes: usize::MAX, topic_template: &template };
             let args = EmitArgs {
                 aggregatetype: Some(&aggregatetype),
                 aggregateid: Some("id"),
@@ -1312,5 +1318,74 @@ fn the_oracle_topic_rule_agrees_on_the_edges() {
     }
     for good in ["...", "a", "-", "_", "a.b-c_D9"] {
         assert!(oracle_topic_is_legal(good), "{good:?}");
+    }
+}
+
+/// The size librdkafka gives a record (`rd_kafka_msg_max_wire_size`), written from librdkafka's
+/// definition: 36 bytes of varint headroom, then key and value, then for each header the
+/// zig-zag varints of its name's and value's lengths and the bytes themselves.
+fn oracle_record_size(key: &str, value: &str, headers: &[(&str, &str)]) -> usize {
+    fn varint(n: usize) -> usize {
+        // zig-zag doubles a non-negative length; 7 bits a byte.
+        let bits = 64 - ((n as u64) * 2).leading_zeros() as usize;
+        bits.div_ceil(7).max(1)
+    }
+    36 + key.len()
+        + value.len()
+        + headers.iter().map(|(k, v)| varint(k.len()) + k.len() + varint(v.len()) + v.len()).sum::<usize>()
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// A valid call's record, sized by the oracle, is accepted at exactly `max_record_bytes` and
+    /// refused with 54000 one byte below, whichever part makes it large.
+    #[test]
+    fn the_record_limit_counts_every_part(
+        aggregatetype in topic_chars(1, 30),
+        aggregateid in prop_oneof![odd_string(40), huge_string(20_000)],
+        event_type in prop_oneof![odd_string(40), huge_string(20_000)],
+        pad in prop_oneof![odd_string(40), huge_string(20_000)],
+        members in prop::collection::vec((topic_chars(1, 20), prop_oneof![odd_string(20), huge_string(20_000)]), 0..4),
+    ) {
+        prop_assume!(!aggregateid.is_empty() && !event_type.is_empty());
+        let mut payload = String::new();
+        write_json_str(&mut payload, &pad, Style { ascii: false, spaces: false });
+        let mut object = serde_json::Map::new();
+        for (k, v) in &members {
+            if !RESERVED.contains(&k.as_str()) {
+                object.insert(k.clone(), serde_json::Value::String(v.clone()));
+            }
+        }
+        let headers_text = serde_json::Value::Object(object.clone()).to_string();
+        let mut headers = vec![
+            ("id", "01234567-89ab-7cde-8f01-23456789abcd"),
+            ("type", event_type.as_str()),
+            ("aggregatetype", aggregatetype.as_str()),
+        ];
+        headers.extend(object.iter().map(|(k, v)| (k.as_str(), v.as_str().unwrap())));
+        let size = oracle_record_size(&aggregateid, &payload, &headers);
+        let args = EmitArgs {
+            aggregatetype: Some(&aggregatetype),
+            aggregateid: Some(&aggregateid),
+            event_type: Some(&event_type),
+            payload: Some(&payload),
+            headers: Some(&headers_text),
+        };
+        let limits = |max| EmitLimits {
+            max_payload_bytes: usize::MAX,
+            max_record_bytes: max,
+            topic_template: "outbox.event.{aggregatetype}",
+        };
+        prop_assert!(validate(args, limits(size)).is_ok(), "refused at the limit ({} bytes)", size);
+        match validate(args, limits(size - 1)) {
+            Err(e @ OutboxError::RecordTooLarge { .. }) => {
+                prop_assert_eq!(e.sqlstate().code(), "54000");
+                let OutboxError::RecordTooLarge { size: reported, key, value, headers: h, .. } = e else { unreachable!() };
+                prop_assert_eq!(reported, size);
+                prop_assert_eq!(36 + key + value + h, size);
+            }
+            other => return Err(TestCaseError::fail(format!("one byte over the limit gave {other:?}"))),
+        }
     }
 }

@@ -39,6 +39,8 @@ pub fn register_worker() {
 pub struct RelaySettings {
     pub bootstrap_servers: String,
     pub topic_template: String,
+    /// `outbox.max_record_bytes`, the producer's `message.max.bytes`.
+    pub max_record_bytes: usize,
     /// May hold secrets: never logged, never shown (see the Debug impl).
     kafka_properties: String,
 }
@@ -48,6 +50,7 @@ impl std::fmt::Debug for RelaySettings {
         f.debug_struct("RelaySettings")
             .field("bootstrap_servers", &self.bootstrap_servers)
             .field("topic_template", &self.topic_template)
+            .field("max_record_bytes", &self.max_record_bytes)
             .field("kafka_properties", &"<hidden>")
             .finish()
     }
@@ -58,6 +61,7 @@ impl RelaySettings {
         RelaySettings {
             bootstrap_servers: gucs::bootstrap_servers(),
             topic_template: gucs::topic_template(),
+            max_record_bytes: gucs::max_record_bytes(),
             kafka_properties: gucs::kafka_properties(),
         }
     }
@@ -68,7 +72,7 @@ impl RelaySettings {
 
     /// The full producer configuration, or why it is invalid (without any value in it).
     pub fn producer_config(&self) -> Result<Vec<(String, String)>, SettingsError> {
-        kafka_settings::producer_config(&self.bootstrap_servers, &self.kafka_properties)
+        kafka_settings::producer_config(&self.bootstrap_servers, &self.kafka_properties, self.max_record_bytes)
     }
 
     /// Words a producer-creation error for outbox.status() without showing any value of
@@ -94,5 +98,6 @@ impl RelaySettings {
     pub fn kafka_changed(&self, other: &RelaySettings) -> bool {
         self.bootstrap_servers != other.bootstrap_servers
             || self.kafka_properties != other.kafka_properties
+            || self.max_record_bytes != other.max_record_bytes
     }
 }

@@ -2,6 +2,9 @@
 //! per-key order, and outbox.status() reports the delivery.
 
 use outbox_tests::{check, streaming_relay, Collector, Emitted, DEADLINE};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, PurgeConfig};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -162,4 +165,98 @@ fn one_transaction_of_100k_events_spills_to_disk_and_worker_memory_stays_bounded
     assert_eq!(pg.worker_pid(), Some(pid), "the worker ran throughout");
     assert!(spilled.split(' ').next().and_then(|n| n.parse::<i64>().ok()).unwrap_or(0) > 0, "decoding spilled: {spilled}");
     assert!(peak_mb < 200.0, "worker memory peaked at {peak_mb:.1} MB");
+}
+
+/// The record's size as librdkafka measures it against `message.max.bytes`, written out here
+/// from librdkafka's rule (not from outbox_core): 36 bytes of varint headroom, key, value, and
+/// for each header the zig-zag varint lengths of its name and value and the bytes themselves.
+fn librdkafka_record_size(key: &str, value: &str, headers: &[(&str, &str)]) -> usize {
+    let varint = |n: usize| match n * 2 {
+        0..=0x7f => 1,
+        0x80..=0x3fff => 2,
+        0x4000..=0x1f_ffff => 3,
+        _ => 4,
+    };
+    36 + key.len() + value.len() + headers.iter().map(|(k, v)| varint(k.len()) + k.len() + varint(v.len()) + v.len()).sum::<usize>()
+}
+
+/// `outbox.max_record_bytes` limits the whole record, and is the producer's `message.max.bytes`:
+/// whichever part of the event makes the record large (key, value, type, a header), a record of
+/// the limit reaches Kafka, and one byte more is refused by emit with 54000 and never written.
+#[test]
+fn records_up_to_max_record_bytes_arrive_and_one_byte_more_is_refused_by_emit() {
+    const MAX: usize = 5000;
+    let topic = "outbox.event.edge";
+    let (kafka, pg) = streaming_relay(&[topic], &[("outbox.max_record_bytes", "5000")]);
+    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
+    let id = "01234567-89ab-7cde-8f01-23456789abcd";
+    // (part, the record's size with n filler bytes in that part, emit's arguments for n)
+    type Part = (&'static str, Box<dyn Fn(usize) -> usize>, Box<dyn Fn(usize) -> String>);
+    let parts: Vec<Part> = vec![
+        (
+            "key",
+            Box::new(move |n| librdkafka_record_size(&"k".repeat(n), "{}", &[("id", id), ("type", "T"), ("aggregatetype", "edge")])),
+            Box::new(|n| format!("'edge', repeat('k', {n}), 'T', '{{}}'")),
+        ),
+        (
+            "value",
+            Box::new(move |n| librdkafka_record_size("k", &format!("\"{}\"", "v".repeat(n)), &[("id", id), ("type", "T"), ("aggregatetype", "edge")])),
+            Box::new(|n| format!("'edge', 'k', 'T', to_jsonb(repeat('v', {n}))")),
+        ),
+        (
+            "type",
+            Box::new(move |n| librdkafka_record_size("k", "{}", &[("id", id), ("type", &"t".repeat(n)), ("aggregatetype", "edge")])),
+            Box::new(|n| format!("'edge', 'k', repeat('t', {n}), '{{}}'")),
+        ),
+        (
+            "header",
+            Box::new(move |n| {
+                librdkafka_record_size("k", "{}", &[("id", id), ("type", "T"), ("aggregatetype", "edge"), ("h", &"h".repeat(n))])
+            }),
+            Box::new(|n| format!("'edge', 'k', 'T', '{{}}', jsonb_build_object('h', repeat('h', {n}))")),
+        ),
+    ];
+    // librdkafka itself, with message.max.bytes = MAX, takes a record of MAX bytes by this
+    // test's measure and refuses one of MAX + 1.
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("message.max.bytes", MAX.to_string())
+        .create()
+        .unwrap();
+    let probe = |n: usize| {
+        let value = "v".repeat(n - librdkafka_record_size("", "", &[]));
+        // Sized at send time; purged before it leaves, and never to the topic under test.
+        producer.send(BaseRecord::<(), str>::to("edge-probe").payload(&value)).map_err(|(e, _)| e)
+    };
+    assert!(probe(MAX).is_ok());
+    assert!(matches!(
+        probe(MAX + 1),
+        Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge))
+    ));
+    producer.purge(PurgeConfig::default().queue());
+
+    let mut delivered = Vec::new();
+    for (part, size, args) in &parts {
+        // The most filler that fits (a varint that grows can skip the exact limit by one byte).
+        let n = (1..MAX).take_while(|&n| size(n) <= MAX).last().unwrap();
+        assert!(MAX - size(n) <= 1, "{part}: {} bytes", size(n));
+        delivered.push((*part, pg.sql(&format!("SELECT outbox.emit({})", args(n))), size(n)));
+        let err = pg.sql_error(&format!("SELECT outbox.emit({})", args(n + 1)));
+        assert!(err.starts_with("54000") && err.contains("outbox.max_record_bytes"), "{part}: {err}");
+    }
+    let marker = pg.sql("SELECT outbox.emit('edge', 'marker', 'Marker', '{}')");
+    let expected: HashSet<String> = delivered.iter().map(|(_, id, _)| id.clone()).chain([marker]).collect();
+    c.until("the events within the limit and the marker", DEADLINE, |r| {
+        r.iter().filter_map(|r| r.header("id")).filter(|id| expected.contains(*id)).count() == expected.len()
+    });
+    assert_eq!(pg.status("state"), "streaming", "{}", pg.status("last_error"));
+    assert_eq!(c.records.len(), expected.len(), "only the events within the limit and the marker arrive");
+    for (part, id, size) in delivered {
+        let r = c.with_id(&id);
+        assert_eq!(r.len(), 1, "{part}");
+        let headers: Vec<(&str, &str)> = r[0].headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let measured = librdkafka_record_size(r[0].key.as_deref().unwrap(), r[0].value.as_deref().unwrap(), &headers);
+        assert_eq!(measured, size, "{part}: the record that arrived is the one sized");
+        eprintln!("[max_record_bytes {MAX}] {part}: a {size}-byte record arrived; one byte more was refused");
+    }
 }

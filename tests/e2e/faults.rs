@@ -240,14 +240,17 @@ fn permanent_errors_stop_the_relay_until_an_operator_acts() {
     resume(&s);
     s.more(500);
 
-    // An event larger than the producer's message.max.bytes; the operator raises it, and the
-    // reload resumes the relay.
-    s.pg.set("outbox.kafka_properties", &format!("{props};message.max.bytes=4000"));
-    s.more(500);
+    // An event larger than the producer's message.max.bytes (outbox.max_record_bytes), which
+    // emit cannot refuse: the limit was lowered while the event waited in WAL. The operator
+    // raises it again, and the reload resumes the relay.
+    s.pg.set("outbox.bootstrap_servers", "");
+    s.pg.wait_for_state("unconfigured", DEADLINE);
     let id = emit_one(&s.pg, "big", 5000);
+    s.pg.sql("ALTER SYSTEM SET outbox.max_record_bytes = 4000");
+    s.pg.set("outbox.bootstrap_servers", &s.kafka.bootstrap);
     stopped_on(&s, Some(&id), "Message size too large");
     probes.commit(id, "big");
-    s.pg.set("outbox.kafka_properties", props);
+    s.pg.set("outbox.max_record_bytes", "1000000");
     s.pg.wait_for_state("streaming", DEADLINE);
     s.more(500);
 

@@ -61,6 +61,9 @@ pub enum OutboxError {
     SlotInvalidated { slot: String },
     /// The relay has more WAL to get through than `outbox.max_pending_bytes` allows.
     TooMuchPending { pending: u64, max: u64 },
+    /// The relay has not published this installation's record key (yet), so no event could be
+    /// authenticated.
+    KeyNotLoaded,
 }
 
 impl OutboxError {
@@ -78,7 +81,8 @@ impl OutboxError {
             | WalLevelTooLow { .. }
             | SlotMissing { .. }
             | SlotInOtherDatabase { .. }
-            | SlotInvalidated { .. } => SqlState::ObjectNotInPrerequisiteState,
+            | SlotInvalidated { .. }
+            | KeyNotLoaded => SqlState::ObjectNotInPrerequisiteState,
             TooMuchPending { .. } => SqlState::ConfigurationLimitExceeded,
         }
     }
@@ -104,6 +108,10 @@ impl OutboxError {
             ),
             SlotInvalidated { .. } => Some(
                 "The slot lost WAL it needed; see outbox.status() and the README section on slot invalidation."
+                    .into(),
+            ),
+            KeyNotLoaded => Some(
+                "If outbox.status() says update_required, run ALTER EXTENSION outbox_ext UPDATE; otherwise the relay is starting, or delivering the events of a dropped installation first: try again in a moment."
                     .into(),
             ),
             TooMuchPending { .. } => Some(
@@ -163,6 +171,10 @@ impl fmt::Display for OutboxError {
             SlotInvalidated { slot } => {
                 write!(f, "outbox_ext: replication slot \"{slot}\" has been invalidated")
             }
+            KeyNotLoaded => write!(
+                f,
+                "outbox_ext: the relay has not loaded this installation's record key, so the event could not be authenticated"
+            ),
             TooMuchPending { pending, max } => write!(
                 f,
                 "outbox_ext: the relay has {pending} bytes of WAL still to deliver, more than outbox.max_pending_bytes ({max})"
@@ -206,6 +218,7 @@ mod tests {
             OutboxError::SlotInOtherDatabase { slot: "s".into() },
             OutboxError::SlotInvalidated { slot: "s".into() },
             OutboxError::TooMuchPending { pending: 2, max: 1 },
+            OutboxError::KeyNotLoaded,
         ];
         for e in all {
             assert_eq!(e.sqlstate().code().len(), 5, "{e}");

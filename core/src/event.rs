@@ -1,29 +1,40 @@
 //! The outbox event: what `outbox.emit()` accepts, how it is checked, and its WAL wire format.
 //!
 //! An event travels through WAL as the body of one transactional logical-decoding message
-//! under the prefix [`MESSAGE_PREFIX`]. The body is a small length-prefixed binary record:
+//! under the prefix [`MESSAGE_PREFIX`]:
 //!
 //! ```text
-//! u8        format version (1)
-//! [u8; 16]  event id (UUIDv7)
-//! u32 LE    length of aggregatetype, then its UTF-8 bytes
-//! u32 LE    length of aggregateid,   then its UTF-8 bytes
-//! u32 LE    length of type,          then its UTF-8 bytes
-//! u32 LE    length of payload,       then the payload's JSON text
-//! u32 LE    number of headers, then for each: u32 LE key length, key, u32 LE value length, value
+//! u8        format version (2)
+//! [u8; 16]  tag that authenticates the record (see auth.rs)
+//! record:
+//!   [u8; 16]  event id (UUIDv7)
+//!   u32 LE    length of aggregatetype, then its UTF-8 bytes
+//!   u32 LE    length of aggregateid,   then its UTF-8 bytes
+//!   u32 LE    length of type,          then its UTF-8 bytes
+//!   u32 LE    length of payload,       then the payload's JSON text
+//!   u32 LE    number of headers, then for each: u32 LE key length, key, u32 LE value length, value
 //! ```
 //!
-//! [`decode`] borrows from the message body, so the relay never copies an event before
-//! handing it to librdkafka.
+//! [`seal`] writes a message, [`open`] checks its tag and reads it. Format 1 (the version byte
+//! followed directly by the record, before records were authenticated) is refused. [`decode`]
+//! borrows from the message, so the relay never copies an event before handing it to
+//! librdkafka.
 
+use crate::auth::{RecordKey, TAG_LEN};
 use crate::error::OutboxError;
 use crate::routing;
 
 /// The logical-decoding message prefix that marks outbox_ext events in WAL.
 pub const MESSAGE_PREFIX: &str = "outbox_ext";
 
-/// Version byte at the start of every encoded event.
-pub const FORMAT_VERSION: u8 = 1;
+/// Version byte at the start of every message `emit` writes.
+pub const FORMAT_VERSION: u8 = 2;
+
+/// The format before records were authenticated; no longer relayed.
+pub const UNAUTHENTICATED_FORMAT: u8 = 1;
+
+/// Bytes before the record: the version and the tag.
+const SEAL_LEN: usize = 1 + TAG_LEN;
 
 /// Header names that outbox_ext sets itself on every Kafka record.
 pub const RESERVED_HEADERS: [&str; 3] = ["id", "type", "aggregatetype"];
@@ -184,24 +195,63 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// Encodes a validated event with its id into the WAL message body.
-pub fn encode(id: &[u8; 16], event: &ValidEvent<'_>) -> Vec<u8> {
+/// The WAL message for a validated event with its id, written in transaction `xid`: the format
+/// version, the tag, then the record. One allocation; the tag is computed over the record in
+/// place.
+pub fn seal(key: &RecordKey, xid: u32, id: &[u8; 16], event: &ValidEvent<'_>) -> Vec<u8> {
+    let mut message = Vec::with_capacity(SEAL_LEN + record_len(event));
+    message.push(FORMAT_VERSION);
+    message.extend_from_slice(&[0; TAG_LEN]);
+    encode_into(&mut message, id, event);
+    let tag = key.tag(xid, &message[SEAL_LEN..]);
+    message[1..SEAL_LEN].copy_from_slice(&tag);
+    message
+}
+
+/// Checks a message's format and tag for transaction `xid` and decodes its record.
+pub fn open<'a>(key: &RecordKey, xid: u32, message: &'a [u8]) -> Result<EventRef<'a>, DecodeError> {
+    match message.first() {
+        None => return Err(DecodeError::Truncated),
+        Some(&FORMAT_VERSION) => {}
+        Some(&UNAUTHENTICATED_FORMAT) => return Err(DecodeError::Unauthenticated),
+        Some(&other) => return Err(DecodeError::UnknownVersion(other)),
+    }
+    if message.len() < SEAL_LEN {
+        return Err(DecodeError::Truncated);
+    }
+    let (tag, record) = (&message[1..SEAL_LEN], &message[SEAL_LEN..]);
+    if !key.verify(xid, record, tag) {
+        return Err(DecodeError::BadTag);
+    }
+    decode(record)
+}
+
+fn record_len(event: &ValidEvent<'_>) -> usize {
     let strings = [event.aggregatetype, event.aggregateid, event.event_type, event.payload];
     let header_bytes: usize = event.headers.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
-    let size = 1 + 16 + strings.iter().map(|s| 4 + s.len()).sum::<usize>() + 4 + header_bytes;
-    let mut buf = Vec::with_capacity(size);
-    buf.push(FORMAT_VERSION);
+    16 + strings.iter().map(|s| 4 + s.len()).sum::<usize>() + 4 + header_bytes
+}
+
+/// The record of a validated event with its id (the part of the message after the tag).
+pub fn encode(id: &[u8; 16], event: &ValidEvent<'_>) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(record_len(event));
+    encode_into(&mut buf, id, event);
+    buf
+}
+
+fn encode_into(buf: &mut Vec<u8>, id: &[u8; 16], event: &ValidEvent<'_>) {
+    let start = buf.len();
+    let strings = [event.aggregatetype, event.aggregateid, event.event_type, event.payload];
     buf.extend_from_slice(id);
     for s in strings {
-        put_str(&mut buf, s);
+        put_str(buf, s);
     }
     buf.extend_from_slice(&(event.headers.len() as u32).to_le_bytes());
     for (k, v) in &event.headers {
-        put_str(&mut buf, k);
-        put_str(&mut buf, v);
+        put_str(buf, k);
+        put_str(buf, v);
     }
-    debug_assert_eq!(buf.len(), size);
-    buf
+    debug_assert_eq!(buf.len() - start, record_len(event));
 }
 
 fn put_str(buf: &mut Vec<u8>, s: &str) {
@@ -209,11 +259,15 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(s.as_bytes());
 }
 
-/// Why a message under our prefix could not be decoded. Only a message that did not come from
-/// `outbox.emit()` (for example one forged with `pg_logical_emit_message`) can fail.
+/// Why a message under our prefix was not opened. Only a message that `outbox.emit()` did not
+/// write (for example one forged with `pg_logical_emit_message`, or one of format 1) can fail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodeError {
     UnknownVersion(u8),
+    /// Format 1: written before records were authenticated, or forged in that format.
+    Unauthenticated,
+    /// The tag does not match the installation's key and the committing transaction.
+    BadTag,
     Truncated,
     NotUtf8,
     TrailingBytes,
@@ -223,6 +277,10 @@ impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DecodeError::UnknownVersion(v) => write!(f, "unknown event format version {v}"),
+            DecodeError::Unauthenticated => write!(f, "unauthenticated record of format 1"),
+            DecodeError::BadTag => {
+                write!(f, "its tag does not verify with this installation's key and transaction")
+            }
             DecodeError::Truncated => write!(f, "event record is truncated"),
             DecodeError::NotUtf8 => write!(f, "event record holds invalid UTF-8"),
             DecodeError::TrailingBytes => write!(f, "event record has trailing bytes"),
@@ -255,13 +313,9 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes a WAL message body made by [`encode`].
-pub fn decode(body: &[u8]) -> Result<EventRef<'_>, DecodeError> {
-    let mut r = Reader { buf: body };
-    let version = r.take(1)?[0];
-    if version != FORMAT_VERSION {
-        return Err(DecodeError::UnknownVersion(version));
-    }
+/// Decodes a record made by [`encode`] (only [`open`] knows whether to trust it).
+pub fn decode(record: &[u8]) -> Result<EventRef<'_>, DecodeError> {
+    let mut r = Reader { buf: record };
     let mut id = [0u8; 16];
     id.copy_from_slice(r.take(16)?);
     let aggregatetype = r.str()?;
@@ -412,6 +466,33 @@ mod tests {
     }
 
     #[test]
+    fn sealed_messages_open_only_with_their_key_and_transaction() {
+        let key = RecordKey::new(&[3; crate::auth::KEY_LEN]);
+        let ev = validate(args(), LIMITS).unwrap();
+        let message = seal(&key, 1000, &[9; 16], &ev);
+        assert_eq!(message[0], FORMAT_VERSION);
+        assert_eq!(&message[SEAL_LEN..], encode(&[9; 16], &ev).as_slice());
+        let back = open(&key, 1000, &message).unwrap();
+        assert_eq!((back.id, back.aggregateid), ([9; 16], "o-1"));
+        // The same bytes in another transaction, or under another installation's key.
+        assert_eq!(open(&key, 1001, &message), Err(DecodeError::BadTag));
+        assert_eq!(open(&RecordKey::new(&[4; 32]), 1000, &message), Err(DecodeError::BadTag));
+        // Any byte changed, the tag included.
+        for i in 1..message.len() {
+            let mut m = message.clone();
+            m[i] ^= 0x80;
+            assert_eq!(open(&key, 1000, &m), Err(DecodeError::BadTag), "byte {i}");
+        }
+        // Format 1 (version byte, then the record), other versions, short messages.
+        let mut format1 = vec![UNAUTHENTICATED_FORMAT];
+        format1.extend_from_slice(&encode(&[9; 16], &ev));
+        assert_eq!(open(&key, 1000, &format1), Err(DecodeError::Unauthenticated));
+        assert_eq!(open(&key, 1000, &[7, 0, 0]), Err(DecodeError::UnknownVersion(7)));
+        assert_eq!(open(&key, 1000, &message[..SEAL_LEN - 1]), Err(DecodeError::Truncated));
+        assert_eq!(open(&key, 1000, &[]), Err(DecodeError::Truncated));
+    }
+
+    #[test]
     fn decode_rejects_garbage_without_panicking() {
         let ev = validate(args(), LIMITS).unwrap();
         let body = encode(&[1; 16], &ev);
@@ -421,9 +502,6 @@ mod tests {
         let mut extra = body.clone();
         extra.push(0);
         assert_eq!(decode(&extra), Err(DecodeError::TrailingBytes));
-        let mut version = body.clone();
-        version[0] = 9;
-        assert_eq!(decode(&version), Err(DecodeError::UnknownVersion(9)));
         // A forged header count must not allocate gigabytes.
         let mut forged = body[..body.len() - 4].to_vec();
         forged.extend_from_slice(&u32::MAX.to_le_bytes());

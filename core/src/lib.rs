@@ -6,10 +6,12 @@
 //!
 //! ```text
 //! emit ─▶ WAL ─▶ decode ─▶ route ─▶ produce ─▶ confirm
-//! event::validate     event::decode  routing   (extension)  tracker
-//! event::encode                                               latency
+//! event::validate     event::open    routing   (extension)  tracker
+//! event::seal         (auth)                                latency
+//! (auth)
 //! ```
 
+pub mod auth;
 pub mod error;
 pub mod event;
 pub mod kafka_settings;

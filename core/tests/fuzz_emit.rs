@@ -26,6 +26,7 @@
 //!
 //! Set `PROPTEST_CASES` to run every property with that many cases instead of the defaults.
 
+use outbox_core::auth::RecordKey;
 use outbox_core::error::OutboxError;
 use outbox_core::event::{
     self, decode, encode, parse_headers, validate, EmitArgs, EmitLimits, ValidEvent,
@@ -89,7 +90,7 @@ fn oracle_wire(id: &[u8; 16], strings: [&str; 4], headers: &[(String, String)]) 
         out.extend_from_slice(&u32::try_from(s.len()).unwrap().to_le_bytes());
         out.extend_from_slice(s.as_bytes());
     }
-    let mut out = vec![1u8];
+    let mut out = Vec::new();
     out.extend_from_slice(id);
     for s in strings {
         put(&mut out, s);
@@ -902,7 +903,13 @@ impl Emit {
         let expected_body =
             oracle_wire(&self.id, [aggregatetype, aggregateid, event_type, payload], &ev.headers);
         prop_assert!(body == expected_body, "encode differs from the documented layout");
-        prop_assert_eq!(body[0], FORMAT_VERSION);
+        // seal: the version, a tag, then the same record; it opens with its key and transaction.
+        let key = RecordKey::new(&[5; 32]);
+        let message = event::seal(&key, 77, &self.id, ev);
+        prop_assert_eq!(message[0], FORMAT_VERSION);
+        prop_assert!(message[17..] == body[..], "the sealed record differs from encode's");
+        prop_assert!(event::open(&key, 77, &message).is_ok());
+        prop_assert!(event::open(&key, 78, &message).is_err());
 
         // decode: byte for byte what went in.
         let back = match decode(&body) {
@@ -1201,10 +1208,7 @@ fn oracle_read(body: &[u8]) -> Option<Record> {
         *rest = &rest[n..];
         String::from_utf8(bytes.to_vec()).ok()
     }
-    let (&version, mut rest) = body.split_first()?;
-    if version != 1 {
-        return None;
-    }
+    let mut rest = body;
     let id: [u8; 16] = rest.get(..16)?.try_into().ok()?;
     rest = &rest[16..];
     let strings = (0..4).map(|_| string(&mut rest)).collect::<Option<Vec<_>>>()?;

@@ -1,7 +1,77 @@
--- outbox_ext 0.1.0 → 0.2.0, run by ALTER EXTENSION outbox_ext UPDATE.
+-- outbox_ext 0.1.0 → 0.2.0, run by ALTER EXTENSION outbox_ext UPDATE. Makes the database's
+-- objects those of a fresh 0.2.0 installation (tests/e2e/upgrade.rs compares them):
 --
--- 0.2.0 builds for PostgreSQL 15, 16, 17 and 18 and ships as packages. Its SQL objects are
--- exactly those of 0.1.0 (tests/e2e/upgrade.rs compares an upgraded database with a fresh
--- installation), so this script has nothing to change: the update only records the new version.
--- Events waiting in WAL are untouched; the new library decodes the same wire format.
+-- * records are authenticated: the installation's key (relay_key, made here) and _new_key();
+-- * status() gains rejected_records, from _relay_state(), which replaces _relay_status().
+--
+-- Until this has run, the 0.2.0 library refuses emit (55000) and the relay waits in state
+-- update_required: events of format 1, written by 0.1.0, are not relayed (drain before
+-- upgrading, see the README).
 \echo Use "ALTER EXTENSION outbox_ext UPDATE" to load this file. \quit
+
+DROP FUNCTION status();
+DROP FUNCTION _relay_status();
+
+CREATE FUNCTION "_relay_state"() RETURNS TABLE (
+	"worker_pid" INT,
+	"state" TEXT,
+	"events_delivered" bigint,
+	"rejected_records" bigint,
+	"last_error" TEXT,
+	"last_error_at" timestamp with time zone,
+	"last_delivery_at" timestamp with time zone
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'relay_state_wrapper';
+
+CREATE FUNCTION status(
+    OUT worker_pid int,
+    OUT state text,
+    OUT slot_name text,
+    OUT confirmed_lsn pg_lsn,
+    OUT pending_bytes bigint,
+    OUT events_delivered bigint,
+    OUT rejected_records bigint,
+    OUT last_error text,
+    OUT last_error_at timestamptz,
+    OUT last_delivery_at timestamptz)
+RETURNS record
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r.worker_pid,
+           r.state,
+           current_setting('outbox.slot_name'),
+           s.confirmed_flush_lsn,
+           CASE WHEN s.confirmed_flush_lsn IS NOT NULL AND NOT pg_is_in_recovery()
+                THEN greatest(pg_wal_lsn_diff(pg_current_wal_flush_lsn(), s.confirmed_flush_lsn), 0)::bigint
+           END,
+           r.events_delivered,
+           r.rejected_records,
+           r.last_error,
+           r.last_error_at,
+           r.last_delivery_at
+    FROM @extschema@._relay_state() r
+    LEFT JOIN pg_replication_slots s ON s.slot_name = current_setting('outbox.slot_name')
+$$;
+COMMENT ON FUNCTION status() IS
+    'The outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries, messages skipped because emit did not write them (rejected_records), and the last error.';
+
+CREATE FUNCTION "_new_key"() RETURNS bytea
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'new_key_wrapper';
+
+CREATE TABLE relay_key (
+    key bytea NOT NULL CHECK (length(key) = 32),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX relay_key_one_row ON relay_key ((true));
+REVOKE ALL ON relay_key FROM PUBLIC;
+ALTER TABLE relay_key ENABLE ROW LEVEL SECURITY;
+ALTER TABLE relay_key FORCE ROW LEVEL SECURITY;
+COMMENT ON TABLE relay_key IS
+    'The key with which outbox.emit() authenticates records for the relay. Superusers only; never change or delete it.';
+INSERT INTO relay_key (key) SELECT @extschema@._new_key();
+REVOKE ALL ON FUNCTION @extschema@._new_key() FROM PUBLIC;

@@ -1,4 +1,4 @@
--- outbox.status() over the relay's shared-memory state (_relay_status, src/status.rs) and its
+-- outbox.status() over the relay's shared-memory state (_relay_state, src/status.rs) and its
 -- slot; comments and grants of the other status and operator functions.
 CREATE FUNCTION status(
     OUT worker_pid int,
@@ -7,6 +7,7 @@ CREATE FUNCTION status(
     OUT confirmed_lsn pg_lsn,
     OUT pending_bytes bigint,
     OUT events_delivered bigint,
+    OUT rejected_records bigint,
     OUT last_error text,
     OUT last_error_at timestamptz,
     OUT last_delivery_at timestamptz)
@@ -22,14 +23,15 @@ AS $$
                 THEN greatest(pg_wal_lsn_diff(pg_current_wal_flush_lsn(), s.confirmed_flush_lsn), 0)::bigint
            END,
            r.events_delivered,
+           r.rejected_records,
            r.last_error,
            r.last_error_at,
            r.last_delivery_at
-    FROM @extschema@._relay_status() r
+    FROM @extschema@._relay_state() r
     LEFT JOIN pg_replication_slots s ON s.slot_name = current_setting('outbox.slot_name')
 $$;
 COMMENT ON FUNCTION status() IS
-    'The outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries and the last error.';
+    'The outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries, messages skipped because emit did not write them (rejected_records), and the last error.';
 
 COMMENT ON FUNCTION @extschema@.ack_latency() IS
     'Cumulative histogram of commit → Kafka acknowledgement latency per transaction since the server started: transactions with latency <= le_ms.';

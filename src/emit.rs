@@ -5,7 +5,7 @@
 
 use crate::error::{raise, OrRaise};
 use crate::ffi::{self, JsonbText, SlotCheck};
-use crate::{gucs, readiness};
+use crate::{gucs, readiness, record_key};
 use outbox_core::event::{self, EmitArgs, EmitLimits};
 use outbox_core::uuid7::Uuid7Generator;
 use outbox_core::OutboxError;
@@ -35,6 +35,7 @@ fn emit(
     event_type: Option<&str>,
     payload: Option<JsonbText>,
     headers: default!(Option<JsonbText>, "NULL"),
+    fcinfo: pg_sys::FunctionCallInfo,
 ) -> pgrx::Uuid {
     readiness::check_ready().or_raise();
     let topic_template = gucs::topic_template();
@@ -67,8 +68,10 @@ fn emit(
         SlotCheck::Invalidated => raise(OutboxError::SlotInvalidated { slot }),
     }
 
+    // Sealed for this installation (the emit function being called) and this transaction.
+    let key = record_key::for_emit(ffi::called_function_oid(fcinfo)).or_raise();
     let id = next_id();
-    ffi::log_event_message(&event::encode(&id, &event));
+    ffi::log_event_message(&event::seal(&key, ffi::top_transaction_id(), &id, &event));
     pgrx::Uuid::from_bytes(id)
 }
 

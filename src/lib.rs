@@ -20,6 +20,7 @@ mod error;
 mod ffi;
 mod gucs;
 mod readiness;
+mod record_key;
 mod relay;
 mod status;
 

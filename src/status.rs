@@ -32,6 +32,9 @@ pub enum RelayState {
     /// Extension outbox_ext is not installed in outbox.database: there is no slot yet (or no
     /// longer).
     NotInstalled = 8,
+    /// The extension's SQL in the database is older than the library: `ALTER EXTENSION
+    /// outbox_ext UPDATE` is due. Events wait; emit fails until then.
+    UpdateRequired = 9,
 }
 
 impl RelayState {
@@ -46,6 +49,7 @@ impl RelayState {
             RelayState::SlotError => "slot_error",
             RelayState::DeliveryError => "delivery_error",
             RelayState::NotInstalled => "not_installed",
+            RelayState::UpdateRequired => "update_required",
         }
     }
 
@@ -59,6 +63,7 @@ impl RelayState {
             6 => RelayState::SlotError,
             7 => RelayState::DeliveryError,
             8 => RelayState::NotInstalled,
+            9 => RelayState::UpdateRequired,
             _ => RelayState::Stopped,
         }
     }
@@ -128,6 +133,13 @@ impl StatusWriter {
         }
     }
 
+    /// Counts messages under the outbox prefix that emit did not write, skipped by the relay.
+    pub fn add_rejected(&mut self, n: u64) {
+        if n > 0 {
+            STATUS.exclusive().records_rejected += n;
+        }
+    }
+
     /// How many times `outbox.resume()` was called.
     pub fn resume_requests(&self) -> u64 {
         STATUS.share().resume_requests
@@ -168,8 +180,61 @@ fn timestamp(v: i64) -> Option<TimestampWithTimeZone> {
     }
 }
 
-/// The worker's half of `outbox.status()`; the SQL function adds the slot's figures.
-#[pg_extern(name = "_relay_status", stable, parallel_safe)]
+/// The relay's state as `outbox.status()` shows it (the SQL function adds the slot's figures).
+struct Snapshot {
+    worker_pid: Option<i32>,
+    state: String,
+    events_delivered: i64,
+    records_rejected: i64,
+    last_error: Option<String>,
+    last_error_at: Option<TimestampWithTimeZone>,
+    last_delivery_at: Option<TimestampWithTimeZone>,
+}
+
+fn snapshot() -> Snapshot {
+    crate::error::OrRaise::or_raise(crate::readiness::check_preloaded());
+    let s = *STATUS.share();
+    Snapshot {
+        worker_pid: (s.worker_pid != 0).then_some(s.worker_pid),
+        state: RelayState::from_u8(s.state).as_str().to_string(),
+        events_delivered: s.events_delivered as i64,
+        records_rejected: s.records_rejected as i64,
+        last_error: (s.last_error_len > 0)
+            .then(|| String::from_utf8_lossy(&s.last_error[..s.last_error_len as usize]).into_owned()),
+        last_error_at: timestamp(s.last_error_at),
+        last_delivery_at: timestamp(s.last_delivery_at),
+    }
+}
+
+/// The worker's half of `outbox.status()`.
+#[pg_extern(name = "_relay_state", stable, parallel_safe)]
+fn relay_state() -> TableIterator<
+    'static,
+    (
+        name!(worker_pid, Option<i32>),
+        name!(state, String),
+        name!(events_delivered, i64),
+        name!(rejected_records, i64),
+        name!(last_error, Option<String>),
+        name!(last_error_at, Option<TimestampWithTimeZone>),
+        name!(last_delivery_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let s = snapshot();
+    TableIterator::once((
+        s.worker_pid,
+        s.state,
+        s.events_delivered,
+        s.records_rejected,
+        s.last_error,
+        s.last_error_at,
+        s.last_delivery_at,
+    ))
+}
+
+/// 0.1.0's `_relay_status()`: its SQL, still installed between a package upgrade and
+/// `ALTER EXTENSION outbox_ext UPDATE` (which drops it), calls this symbol.
+#[pg_extern(name = "_relay_status", stable, parallel_safe, sql = false)]
 fn relay_status() -> TableIterator<
     'static,
     (
@@ -181,18 +246,8 @@ fn relay_status() -> TableIterator<
         name!(last_delivery_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    crate::error::OrRaise::or_raise(crate::readiness::check_preloaded());
-    let s = *STATUS.share();
-    let error = (s.last_error_len > 0)
-        .then(|| String::from_utf8_lossy(&s.last_error[..s.last_error_len as usize]).into_owned());
-    TableIterator::once((
-        (s.worker_pid != 0).then_some(s.worker_pid),
-        RelayState::from_u8(s.state).as_str().to_string(),
-        s.events_delivered as i64,
-        error,
-        timestamp(s.last_error_at),
-        timestamp(s.last_delivery_at),
-    ))
+    let s = snapshot();
+    TableIterator::once((s.worker_pid, s.state, s.events_delivered, s.last_error, s.last_error_at, s.last_delivery_at))
 }
 
 /// The commit → Kafka acknowledgement latency of every transaction relayed since the server
@@ -223,5 +278,5 @@ fn resume() -> bool {
 pgrx::extension_sql_file!(
     "../sql/status.sql",
     name = "status_function",
-    requires = [relay_status, ack_latency, resume]
+    requires = [relay_state, ack_latency, resume]
 );

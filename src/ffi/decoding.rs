@@ -37,6 +37,8 @@ extern "C-unwind" {
 /// One committed transaction, as the decoder reports it.
 #[derive(Debug, Clone, Copy)]
 pub struct TxnInfo {
+    /// The top-level transaction id, which the record's tag names.
+    pub xid: u32,
     /// End of the commit record: the position to confirm once the transaction is delivered.
     pub end_lsn: u64,
     /// Commit time as a Postgres `TimestampTz`.
@@ -45,8 +47,8 @@ pub struct TxnInfo {
 
 /// Receives what decoding finds, in commit order.
 pub trait DecodeSink {
-    /// A transactional message under the outbox prefix, from transaction `txn`.
-    fn event(&mut self, txn: TxnInfo, body: &[u8]);
+    /// A transactional message under the outbox prefix, written at `lsn` in transaction `txn`.
+    fn event(&mut self, txn: TxnInfo, lsn: u64, body: &[u8]);
     /// The commit of `txn` (called for every decoded transaction, with events or not).
     fn commit(&mut self, txn: TxnInfo);
 }
@@ -298,7 +300,9 @@ unsafe fn sink_of<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> &'a mut dyn D
 unsafe fn txn_info(txn: *mut pg_sys::ReorderBufferTXN) -> TxnInfo {
     // SAFETY: txn is the transaction being replayed; ReorderBufferCommit sets end_lsn and
     // commit_time before replay starts.
-    unsafe { TxnInfo { end_lsn: (*txn).end_lsn, commit_time: (*txn).xact_time.commit_time } }
+    unsafe {
+        TxnInfo { xid: (*txn).xid.into(), end_lsn: (*txn).end_lsn, commit_time: (*txn).xact_time.commit_time }
+    }
 }
 
 #[pg_guard]
@@ -320,7 +324,7 @@ unsafe extern "C-unwind" fn plugin_commit(
 unsafe extern "C-unwind" fn plugin_message(
     ctx: *mut pg_sys::LogicalDecodingContext,
     txn: *mut pg_sys::ReorderBufferTXN,
-    _message_lsn: pg_sys::XLogRecPtr,
+    message_lsn: pg_sys::XLogRecPtr,
     transactional: bool,
     prefix: *const c_char,
     message_size: pg_sys::Size,
@@ -333,6 +337,6 @@ unsafe extern "C-unwind" fn plugin_message(
             return;
         }
         let body = std::slice::from_raw_parts(message as *const u8, message_size);
-        sink_of(ctx).event(txn_info(txn), body);
+        sink_of(ctx).event(txn_info(txn), message_lsn, body);
     }
 }

@@ -35,14 +35,39 @@ pub fn database_is_utf8() -> bool {
     unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 }
 }
 
-pub fn strong_random_u64() -> u64 {
-    let mut buf = [0u8; 8];
+/// `N` bytes from the operating system's cryptographically strong generator.
+pub fn strong_random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
     // SAFETY: pg_strong_random writes exactly `len` bytes into the buffer.
     let ok = unsafe { pg_sys::pg_strong_random(buf.as_mut_ptr().cast(), buf.len()) };
     if !ok {
         pgrx::error!("outbox_ext: could not generate random bytes");
     }
-    u64::from_ne_bytes(buf)
+    buf
+}
+
+pub fn strong_random_u64() -> u64 {
+    u64::from_ne_bytes(strong_random_bytes())
+}
+
+/// The id of the current top-level transaction, assigned now if it has none yet (emit writes
+/// WAL in it anyway). Raises an ERROR where no id can be assigned (during recovery).
+pub fn top_transaction_id() -> u32 {
+    // SAFETY: called by emit inside a transaction; pgrx's binding turns an ERROR into a panic.
+    unsafe { pg_sys::GetTopTransactionId() }.into()
+}
+
+/// The OID of the SQL function being called through `fcinfo`.
+pub fn called_function_oid(fcinfo: pg_sys::FunctionCallInfo) -> u32 {
+    // SAFETY: pgrx passes the live FunctionCallInfo of the current call; flinfo is set by the
+    // executor before any call and stays valid for its duration.
+    unsafe { (*(*fcinfo).flinfo).fn_oid.to_u32() }
+}
+
+/// The database this backend is connected to.
+pub fn my_database_id() -> u32 {
+    // SAFETY: MyDatabaseId is set once when the backend connects.
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
 static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;

@@ -25,6 +25,8 @@ pub struct RelayStatus {
     pub retiring: bool,
     /// Transactions per commit → acknowledgement latency bucket, since the server started.
     pub ack_latency: [u64; latency::BUCKETS],
+    /// Messages under the outbox prefix that emit did not write, skipped since the server started.
+    pub records_rejected: u64,
 }
 
 impl Default for RelayStatus {
@@ -40,6 +42,7 @@ impl Default for RelayStatus {
             resume_requests: 0,
             retiring: false,
             ack_latency: [0; latency::BUCKETS],
+            records_rejected: 0,
         }
     }
 }
@@ -52,7 +55,26 @@ unsafe impl PGRXSharedMemory for RelayStatus {}
 // which `init` does from _PG_init, before any process can read it.
 pub static STATUS: PgLwLock<RelayStatus> = unsafe { PgLwLock::new(c"outbox_ext_status") };
 
+/// The installation's record key (see `record_key.rs`), published by the relay for `emit`.
+/// Shared memory is not reachable from SQL, and only the relay, which runs as a superuser,
+/// reads the key from its table.
+#[derive(Clone, Copy, Default)]
+pub struct SharedKey {
+    /// The database whose installation the key belongs to (0: none loaded).
+    pub database: u32,
+    /// The installation: the OID of its `outbox.emit` function.
+    pub installation: u32,
+    pub key: [u8; outbox_core::auth::KEY_LEN],
+}
+
+// SAFETY: plain old data with no pointers; only accessed through KEY's LWLock.
+unsafe impl PGRXSharedMemory for SharedKey {}
+
+// SAFETY: as for STATUS.
+pub static KEY: PgLwLock<SharedKey> = unsafe { PgLwLock::new(c"outbox_ext_key") };
+
 /// Reserves the shared memory; called from `_PG_init` while preloading.
 pub fn init() {
     pg_shmem_init!(STATUS);
+    pg_shmem_init!(KEY);
 }

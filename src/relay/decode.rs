@@ -1,15 +1,112 @@
-//! WAL message → event → Kafka record. Decoding calls [`EventRouter`] for every outbox message
-//! of every committed transaction, in commit order; the router decodes the wire format, picks
-//! the topic and hands the record to the producer, registering it with the delivery tracker.
+//! WAL message → event → Kafka record. Decoding hands every outbox message of every committed
+//! transaction, in commit order, to [`Routing`]: the [`Opener`] checks that `outbox.emit()`
+//! wrote it (its tag, see `outbox_core::auth`) and reads it, and the [`EventRouter`] picks the
+//! topic and hands the record to the producer, registering it with the delivery tracker.
 
 use super::produce::{Failure, KafkaProducer, QueueFull, Report};
-use super::worker;
+use super::signals;
 use crate::ffi::{DecodeSink, TxnInfo};
-use outbox_core::event;
+use outbox_core::auth::RecordKey;
+use outbox_core::event::{self, EventRef};
 use outbox_core::routing;
 use outbox_core::tracker::{DeliveryTracker, Progress};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+/// No acknowledgement for this long while events are in flight counts as Kafka unavailable.
+pub const ACK_STALL: Duration = Duration::from_secs(5);
+
+/// At most one warning about skipped messages in this long (the rest are counted in it).
+const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Opens the messages under the outbox prefix with the installation's key. A message that does
+/// not open (forged, copied into another transaction, or of format 1) is skipped: counted for
+/// `outbox.status()` and logged with its LSN, at most once per [`REJECT_LOG_INTERVAL`].
+pub struct Opener {
+    /// None: no key is known for the slot's installation, so no message opens.
+    key: Option<RecordKey>,
+    /// Skipped since the last `take_rejected`.
+    rejected: u64,
+    /// The highest message position counted: a rewind decodes messages again, and they count once.
+    counted_upto: u64,
+    last_warning: Option<Instant>,
+    /// Skipped since the last warning.
+    unwarned: u64,
+}
+
+impl Opener {
+    pub fn new(key: Option<RecordKey>) -> Opener {
+        Opener { key, rejected: 0, counted_upto: 0, last_warning: None, unwarned: 0 }
+    }
+
+    pub fn set_key(&mut self, key: Option<RecordKey>) {
+        self.key = key;
+    }
+
+    /// The event in `body`, written at `lsn` in `txn`, if `outbox.emit()` wrote it.
+    pub fn open<'a>(&mut self, txn: TxnInfo, lsn: u64, body: &'a [u8]) -> Option<EventRef<'a>> {
+        let opened = match &self.key {
+            Some(key) => event::open(key, txn.xid, body),
+            None => Err(event::DecodeError::BadTag),
+        };
+        match opened {
+            Ok(ev) => Some(ev),
+            Err(e) => {
+                self.reject(lsn, &e);
+                None
+            }
+        }
+    }
+
+    fn reject(&mut self, lsn: u64, why: &event::DecodeError) {
+        if lsn <= self.counted_upto {
+            return;
+        }
+        self.counted_upto = lsn;
+        self.rejected += 1;
+        self.unwarned += 1;
+        if self.last_warning.is_some_and(|t| t.elapsed() < REJECT_LOG_INTERVAL) {
+            return;
+        }
+        let more = self.unwarned - 1;
+        pgrx::warning!(
+            "outbox_ext relay: skipped a message under the outbox_ext prefix at {:X}/{:X} that outbox.emit() did not write ({why}){}",
+            lsn >> 32,
+            lsn as u32,
+            if more > 0 { format!("; {more} more since the last such warning") } else { String::new() }
+        );
+        self.last_warning = Some(Instant::now());
+        self.unwarned = 0;
+    }
+
+    /// Messages skipped since the last call.
+    pub fn take_rejected(&mut self) -> u64 {
+        std::mem::take(&mut self.rejected)
+    }
+}
+
+/// The decoding sink of a streaming relay: opened messages go to the router.
+pub struct Routing<'a> {
+    pub router: &'a mut EventRouter,
+    pub opener: &'a mut Opener,
+}
+
+impl DecodeSink for Routing<'_> {
+    fn event(&mut self, txn: TxnInfo, lsn: u64, body: &[u8]) {
+        if self.router.halted {
+            // The transaction stays unconfirmed (the tracker has failed); the rewind that
+            // follows decodes it again.
+            return;
+        }
+        if let Some(ev) = self.opener.open(txn, lsn, body) {
+            self.router.route(txn, &ev);
+        }
+    }
+
+    fn commit(&mut self, txn: TxnInfo) {
+        self.router.commit(txn);
+    }
+}
 
 /// Everything between decoding and Kafka: the producer, the tracker of what is in flight, and
 /// what happened since the worker last looked.
@@ -30,8 +127,6 @@ pub struct EventRouter {
     pub last_ack: Instant,
     /// Client-level errors (broker down) since the last acknowledgement.
     pub broker_trouble: bool,
-    /// Messages under our prefix that were not made by outbox.emit().
-    pub foreign_messages: u64,
 }
 
 impl EventRouter {
@@ -47,7 +142,6 @@ impl EventRouter {
             permanent: None,
             last_ack: Instant::now(),
             broker_trouble: false,
-            foreign_messages: 0,
         }
     }
 
@@ -113,29 +207,11 @@ impl EventRouter {
     }
 }
 
-impl DecodeSink for EventRouter {
-    fn event(&mut self, txn: TxnInfo, body: &[u8]) {
-        if self.halted {
-            // The transaction stays unconfirmed (the tracker has failed); the rewind that
-            // follows decodes it again.
-            return;
-        }
-        let ev = match event::decode(body) {
-            Ok(ev) => ev,
-            Err(e) => {
-                // Not written by outbox.emit() (it always writes a valid record), for example
-                // pg_logical_emit_message(true, 'outbox_ext', ...) by hand. It is not an event.
-                self.foreign_messages += 1;
-                pgrx::warning!(
-                    "outbox_ext: ignoring a message under the outbox_ext prefix that outbox.emit() did not write ({e}), in the transaction committed at {:X}/{:X}",
-                    txn.end_lsn >> 32,
-                    txn.end_lsn as u32
-                );
-                return;
-            }
-        };
-        let id = routing::id_text(&ev);
-        let headers = routing::record_headers(&ev, &id);
+impl EventRouter {
+    /// Hands one event of `txn` to the producer.
+    fn route(&mut self, txn: TxnInfo, ev: &EventRef<'_>) {
+        let id = routing::id_text(ev);
+        let headers = routing::record_headers(ev, &id);
         let timestamp = routing::pg_timestamp_to_unix_ms(txn.commit_time);
         let seq = self.tracker.add_event(txn.end_lsn, txn.commit_time);
         let topic = self.topic(ev.aggregatetype).to_string();
@@ -149,11 +225,11 @@ impl DecodeSink for EventRouter {
                     // loop (which shows the state and rewinds), instead of waiting here for
                     // as long as message.timeout.ms.
                     self.poll();
-                    let stalled = self.last_ack.elapsed() > worker::ACK_STALL;
+                    let stalled = self.last_ack.elapsed() > ACK_STALL;
                     if self.halted
                         || stalled
-                        || worker::reload_requested()
-                        || !worker::sleep(Duration::from_millis(1))
+                        || signals::reload_requested()
+                        || !signals::sleep(Duration::from_millis(1))
                     {
                         if stalled && self.last_error.is_none() {
                             self.last_error = Some("Kafka accepts no more records and acknowledges none".into());

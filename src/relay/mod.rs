@@ -5,9 +5,13 @@
 //! * `decode.rs`  — WAL message → event → Kafka record (the decoding sink)
 //! * `produce.rs` — the librdkafka producer and its delivery reports
 //! * `slot.rs`    — the replication slot's lifetime: made, guarded, retired with the extension
+//! * `key.rs`     — which key the relay opens its slot's records with
+//! * `signals.rs` — SIGTERM and SIGHUP, latched, and the latch sleep
 
 pub mod decode;
+pub mod key;
 pub mod produce;
+pub mod signals;
 pub mod slot;
 pub mod worker;
 

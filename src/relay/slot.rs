@@ -9,8 +9,9 @@
 //! slot listed in outbox.relay_slot but missing, or invalidated ─▶ slot_error (never remade)
 //! ```
 
-use super::worker::{shutdown_requested, sleep};
+use super::signals::{shutdown_requested, sleep};
 use crate::ffi;
+use crate::record_key;
 use crate::status::{RelayState, StatusWriter};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -128,59 +129,83 @@ pub fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> bool {
     }
 }
 
-/// Notices that the extension was dropped, and decides when its slot may go: once every
-/// event committed before the drop is delivered, and no CREATE EXTENSION can slip in.
+/// What the relay must do about its installation (see [`Retirement::due`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Due {
+    Nothing,
+    /// The extension is gone and every event committed before was delivered: drop the slot.
+    DropSlot,
+    /// The extension was created again and every event of the previous installation was
+    /// delivered: open records with the new installation's key from here on.
+    SwitchKey,
+}
+
+/// Notices that the installation the relay serves is gone (the extension was dropped, or
+/// dropped and created again), and decides when the slot may go or the key may change: once
+/// every event committed before the change is delivered, and no CREATE EXTENSION can slip in.
 pub struct Retirement {
     checked: Instant,
-    /// The WAL insert position when the drop was noticed.
+    /// The installation whose key opens the records (`record_key::InstalledKey`), if any.
+    installation: Option<u32>,
+    /// The WAL insert position when the change was noticed.
     after: Option<u64>,
 }
 
 impl Retirement {
-    pub fn new() -> Retirement {
-        Retirement { checked: Instant::now(), after: None }
+    pub fn new(installation: Option<u32>) -> Retirement {
+        Retirement { checked: Instant::now(), installation, after: None }
     }
 
     /// Called while the relay is idle with nothing in flight, having decoded and confirmed up
-    /// to `decoded_upto`. True if the slot must be dropped now; the caller drops it and then
-    /// calls `status.set_retiring(false)`.
-    pub fn due(&mut self, decoded_upto: u64, status: &mut StatusWriter) -> bool {
+    /// to `decoded_upto`. After `DropSlot`, the caller drops the slot and then calls
+    /// `status.set_retiring(false)`; after `SwitchKey`, it takes the new key and calls
+    /// [`Retirement::serve`].
+    pub fn due(&mut self, decoded_upto: u64, status: &mut StatusWriter) -> Due {
         match self.after {
             None => {
                 if self.checked.elapsed() < EXTENSION_CHECK {
-                    return false;
+                    return Due::Nothing;
                 }
                 self.checked = Instant::now();
-                if BackgroundWorker::transaction(|| ffi::extension_installed(false)) != Some(false) {
-                    return false;
+                let current = record_key::current_installation();
+                if current.is_some() && current == self.installation {
+                    return Due::Nothing;
                 }
+                // emit of a new installation waits until its key is the relay's.
+                record_key::withdraw();
                 let lsn = ffi::wal_insert_lsn();
                 log!(
-                    "outbox_ext relay: extension outbox_ext was dropped; delivering the events committed before {:X}/{:X}, then dropping the replication slot",
+                    "outbox_ext relay: extension outbox_ext was {}; delivering the events committed before {:X}/{:X} first",
+                    if current.is_some() { "dropped and created again" } else { "dropped" },
                     lsn >> 32,
                     lsn as u32
                 );
                 self.after = Some(lsn);
-                false
+                Due::Nothing
             }
-            Some(after) if decoded_upto < after => false,
+            Some(after) if decoded_upto < after => Due::Nothing,
             Some(_) => {
                 // CREATE EXTENSION refuses to run from here on; the share lock waits out one
                 // that is running, so an installation that committed is seen below.
                 status.set_retiring(true);
                 match BackgroundWorker::transaction(|| ffi::extension_installed(true)) {
-                    Some(false) => true,
+                    Some(false) => Due::DropSlot,
                     installed => {
                         status.set_retiring(false);
                         if installed == Some(true) {
-                            log!("outbox_ext relay: extension outbox_ext was created again; keeping the replication slot");
                             self.after = None;
+                            return Due::SwitchKey;
                         }
-                        false
+                        Due::Nothing
                     }
                 }
             }
         }
+    }
+
+    /// The relay now opens records with `installation`'s key.
+    pub fn serve(&mut self, installation: Option<u32>) {
+        self.installation = installation;
     }
 }
 

@@ -12,68 +12,31 @@
 //! failure that no retry can fix (see `produce::is_permanent`) stops the relay at that event
 //! instead (`delivery_error`) until an operator calls `outbox.resume()` or reloads.
 
-use super::decode::EventRouter;
+use super::decode::{EventRouter, Opener, Routing, ACK_STALL};
+use super::key;
 use super::produce::KafkaProducer;
-use super::slot::{self, Retirement};
+use super::signals::{shutdown_requested, sleep, take_reload};
+use super::slot::{self, Due, Retirement};
 use super::RelaySettings;
 use crate::ffi::{self, DecodeSink, DecodingSession, TxnInfo};
 use crate::gucs;
+use crate::record_key::InstalledKey;
 use crate::status::{RelayState, StatusWriter};
 use outbox_core::routing;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Most records decoded before the loop looks at signals and acknowledgements again.
 const DECODE_BATCH: usize = 4096;
 /// How often the slot is confirmed while events flow.
 const CONFIRM_INTERVAL: Duration = Duration::from_millis(100);
-/// No acknowledgement for this long while events are in flight counts as Kafka unavailable.
-pub const ACK_STALL: Duration = Duration::from_secs(5);
 /// How long a client-level error (such as all brokers down) keeps the state unavailable.
 const BROKER_ERROR_MEMORY: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long SIGTERM waits for in-flight events to be acknowledged before exiting.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
-
-static SHUTDOWN: AtomicBool = AtomicBool::new(false);
-static RELOAD: AtomicBool = AtomicBool::new(false);
-
-/// True once SIGTERM (or postmaster death) was seen. pgrx's flag is reset when read, so it
-/// is latched here.
-pub fn shutdown_requested() -> bool {
-    if BackgroundWorker::sigterm_received() {
-        SHUTDOWN.store(true, Ordering::Relaxed);
-    }
-    SHUTDOWN.load(Ordering::Relaxed)
-}
-
-/// True if SIGHUP arrived and the main loop has not reloaded yet. Does not consume it.
-pub fn reload_requested() -> bool {
-    if BackgroundWorker::sighup_received() {
-        RELOAD.store(true, Ordering::Relaxed);
-    }
-    RELOAD.load(Ordering::Relaxed)
-}
-
-fn take_reload() -> bool {
-    let pending = reload_requested();
-    RELOAD.store(false, Ordering::Relaxed);
-    pending
-}
-
-/// Sleeps on the latch; returns false if the worker must stop.
-pub fn sleep(timeout: Duration) -> bool {
-    if shutdown_requested() {
-        return false;
-    }
-    if !BackgroundWorker::wait_latch(Some(timeout.max(Duration::from_millis(1)))) {
-        SHUTDOWN.store(true, Ordering::Relaxed);
-    }
-    !shutdown_requested()
-}
 
 /// The relay worker's main function (started through `ffi::outbox_relay_main`).
 pub fn relay_main() {
@@ -89,8 +52,9 @@ pub fn relay_main() {
     }
 
     while slot::wait_for_slot(&slot, &mut status) {
+        let Ok(key) = key::starting_key(&slot, &mut status) else { break };
         ffi::acquire_slot(&slot);
-        let mut relay = Relay::new(status, slot.clone());
+        let mut relay = Relay::new(status, slot.clone(), key);
         let exit = relay.run();
         status = relay.status;
         if exit == Exit::Shutdown {
@@ -112,15 +76,18 @@ enum Exit {
     Retired,
 }
 
-/// Notices events without producing them (see `Relay::advance_without_kafka`).
-#[derive(Default)]
-struct EventProbe {
+/// Notices events without producing them (see `Relay::advance_without_kafka`). Messages that
+/// `emit` did not write are skipped here too, so they never hold an unconfigured relay.
+struct EventProbe<'a> {
+    opener: &'a mut Opener,
     found: bool,
 }
 
-impl DecodeSink for EventProbe {
-    fn event(&mut self, _txn: TxnInfo, _body: &[u8]) {
-        self.found = true;
+impl DecodeSink for EventProbe<'_> {
+    fn event(&mut self, txn: TxnInfo, lsn: u64, body: &[u8]) {
+        if self.opener.open(txn, lsn, body).is_some() {
+            self.found = true;
+        }
     }
 
     fn commit(&mut self, _txn: TxnInfo) {}
@@ -130,6 +97,8 @@ struct Relay {
     status: StatusWriter,
     slot: String,
     retirement: Retirement,
+    /// Opens each message with the key of the installation that sealed it.
+    opener: Opener,
     settings: RelaySettings,
     router: Option<EventRouter>,
     session: Option<DecodingSession>,
@@ -144,11 +113,12 @@ struct Relay {
 }
 
 impl Relay {
-    fn new(status: StatusWriter, slot: String) -> Relay {
+    fn new(status: StatusWriter, slot: String, key: Option<InstalledKey>) -> Relay {
         Relay {
             status,
             slot,
-            retirement: Retirement::new(),
+            retirement: Retirement::new(key.map(|k| k.installation)),
+            opener: Opener::new(key.map(|k| k.record_key())),
             settings: RelaySettings::read(),
             router: None,
             session: None,
@@ -181,7 +151,7 @@ impl Relay {
             }
             if !self.settings.configured() {
                 self.status.set_state(RelayState::Unconfigured);
-                if self.advance_without_kafka() {
+                if self.advance_without_kafka() == Due::DropSlot {
                     self.retire();
                     return Exit::Retired;
                 }
@@ -201,24 +171,25 @@ impl Relay {
             }
             let session = self.session.as_mut().expect("started above");
             let router = self.router.as_mut().expect("built above");
+            let mut sink = Routing { router, opener: &mut self.opener };
 
             let started = Instant::now();
             let mut decoded = 0;
-            while decoded < DECODE_BATCH && !router.halted {
-                if !session.decode_next(router) {
+            while decoded < DECODE_BATCH && !sink.router.halted {
+                if !session.decode_next(&mut sink) {
                     break;
                 }
                 decoded += 1;
                 if decoded % 256 == 0 {
-                    router.poll();
+                    sink.router.poll();
                     if started.elapsed() > Duration::from_millis(50) {
                         break;
                     }
                 }
             }
-            router.poll();
+            sink.router.poll();
 
-            if router.halted {
+            if sink.router.halted {
                 if shutdown_requested() {
                     self.shutdown();
                     return Exit::Shutdown;
@@ -236,9 +207,13 @@ impl Relay {
                 let in_flight = self.router.as_ref().is_some_and(|r| r.tracker.in_flight() > 0);
                 if !in_flight {
                     let upto = self.session.as_ref().map_or(0, |s| s.decoded_upto());
-                    if self.retirement.due(upto, &mut self.status) {
-                        self.retire();
-                        return Exit::Retired;
+                    match self.retirement.due(upto, &mut self.status) {
+                        Due::DropSlot => {
+                            self.retire();
+                            return Exit::Retired;
+                        }
+                        Due::SwitchKey => self.switch_key(),
+                        Due::Nothing => {}
                     }
                 }
                 // 1 ms naps keep latency low while events flow or await acknowledgement; after
@@ -253,9 +228,9 @@ impl Relay {
 
     /// Without Kafka settings: decode anyway, only to confirm WAL that holds no events, so an
     /// unconfigured relay does not pin WAL. At the first event, stop and wait: it and
-    /// everything after it are decoded again once Kafka is configured. Returns true if the
-    /// extension was dropped and the slot holds no event any more (see `Retirement`).
-    fn advance_without_kafka(&mut self) -> bool {
+    /// everything after it are decoded again once Kafka is configured. Returns `DropSlot` if
+    /// the extension was dropped and the slot holds no event any more (see `Retirement`).
+    fn advance_without_kafka(&mut self) -> Due {
         if self.router.is_some() {
             // Kafka was just unconfigured: settle what is in flight first.
             self.drain(SHUTDOWN_FLUSH);
@@ -265,28 +240,40 @@ impl Relay {
         }
         if self.waiting_at_event {
             sleep(Duration::from_secs(1));
-            return false;
+            return Due::Nothing;
         }
         let session = self.session.get_or_insert_with(DecodingSession::start);
-        let mut probe = EventProbe::default();
+        let mut probe = EventProbe { opener: &mut self.opener, found: false };
         let mut decoded = 0;
         while decoded < DECODE_BATCH && !probe.found && session.decode_next(&mut probe) {
             decoded += 1;
         }
-        if probe.found {
+        let found = probe.found;
+        self.status.add_rejected(self.opener.take_rejected());
+        if found {
             self.waiting_at_event = true;
         } else {
             // Every transaction committed before this point had no event.
             let upto = session.decoded_upto();
             session.confirm(upto);
             if decoded == 0 {
-                if self.retirement.due(upto, &mut self.status) {
-                    return true;
+                match self.retirement.due(upto, &mut self.status) {
+                    Due::SwitchKey => self.switch_key(),
+                    Due::DropSlot => return Due::DropSlot,
+                    Due::Nothing => {}
                 }
                 sleep(Duration::from_millis(100));
             }
         }
-        false
+        Due::Nothing
+    }
+
+    /// Every event of the previous installation was delivered: take the new one's key.
+    fn switch_key(&mut self) {
+        let key = key::switch_to_current(&self.slot);
+        self.opener.set_key(key.map(|k| k.record_key()));
+        self.retirement.serve(key.map(|k| k.installation));
+        log!("outbox_ext relay: extension outbox_ext was created again; keeping the replication slot");
     }
 
     /// Picks up new settings after SIGHUP; a Kafka change rebuilds the producer, rewinding
@@ -337,6 +324,7 @@ impl Relay {
     }
 
     fn publish_progress(&mut self) {
+        self.status.add_rejected(self.opener.take_rejected());
         let Some(router) = self.router.as_mut() else { return };
         let delivered = router.take_delivered();
         if delivered > 0 {
@@ -432,6 +420,7 @@ impl Relay {
         self.session = None;
         self.router = None;
         ffi::drop_held_slot(&self.slot);
+        key::forget(&self.slot);
         self.status.set_retiring(false);
         log!(
             "outbox_ext relay: dropped replication slot \"{}\": extension outbox_ext was dropped and every event committed before that was delivered",

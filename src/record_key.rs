@@ -1,0 +1,194 @@
+//! The installation's record key (see `outbox_core::auth`): where it lives, who may read it, and
+//! how `emit` and the relay agree on it.
+//!
+//! * `CREATE EXTENSION` makes 32 random bytes and keeps them in `outbox.relay_key`: no privilege
+//!   for anyone but superusers, and row-level security without a policy, which also hides the
+//!   row from `pg_read_all_data`. The table is WAL-logged, so the key is the same after a
+//!   restart, a crash, and on a physical standby after a failover.
+//! * The relay, which runs as a superuser, reads it and publishes it in shared memory, together
+//!   with the OID of this installation's `outbox.emit` function. `emit` runs as its caller,
+//!   takes the key from there, and uses it only if that OID is its own: after `DROP EXTENSION`
+//!   and `CREATE EXTENSION`, no event is ever sealed with the previous installation's key.
+//! * The relay also keeps a copy in the data directory (`pg_outbox_ext/<slot>.key`, readable by
+//!   the server's OS user only). After `DROP EXTENSION` the table is gone, but events committed
+//!   before the drop still wait to be delivered under the old key, also across a restart.
+
+use crate::ffi;
+use crate::ffi::shmem::{SharedKey, KEY};
+use outbox_core::auth::{RecordKey, KEY_LEN};
+use outbox_core::OutboxError;
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// The signature that names this installation's emit function.
+const EMIT_SIGNATURE: &str = "outbox.emit(text,text,text,jsonb,jsonb)";
+
+/// One installation's key: `installation` is the OID of its `outbox.emit` function.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct InstalledKey {
+    pub installation: u32,
+    pub key: [u8; KEY_LEN],
+}
+
+impl std::fmt::Debug for InstalledKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InstalledKey {{ installation: {}, key: <hidden> }}", self.installation)
+    }
+}
+
+impl InstalledKey {
+    pub fn record_key(&self) -> RecordKey {
+        RecordKey::new(&self.key)
+    }
+}
+
+/// Makes a new key, for the extension's install script. Superusers only (the script revokes it
+/// from PUBLIC); the key never leaves the table it is inserted into.
+#[pg_extern(name = "_new_key", volatile, parallel_unsafe)]
+fn new_key() -> Vec<u8> {
+    ffi::strong_random_bytes::<KEY_LEN>().to_vec()
+}
+
+pgrx::extension_sql_file!("../sql/relay_key.sql", name = "relay_key", requires = [new_key]);
+
+// ---------------------------------------------------------------------------------------------
+// emit's side
+// ---------------------------------------------------------------------------------------------
+
+thread_local! {
+    /// The key this backend last sealed with, with its HMAC key schedule done.
+    static SEALING: RefCell<Option<(InstalledKey, RecordKey)>> = const { RefCell::new(None) };
+}
+
+/// The key to seal an event of the installation whose emit function is `installation`, in this
+/// database; an error if the relay has not published it (yet).
+pub fn for_emit(installation: u32) -> Result<RecordKey, OutboxError> {
+    let shared = *KEY.share();
+    if shared.database != ffi::my_database_id() || shared.installation != installation {
+        return Err(OutboxError::KeyNotLoaded);
+    }
+    let published = InstalledKey { installation: shared.installation, key: shared.key };
+    Ok(SEALING.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        match &*cached {
+            Some((k, record_key)) if *k == published => record_key.clone(),
+            _ => {
+                let record_key = published.record_key();
+                *cached = Some((published, record_key.clone()));
+                record_key
+            }
+        }
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// the relay's side
+// ---------------------------------------------------------------------------------------------
+
+/// Lets `emit` seal events with `key`.
+pub fn publish(key: &InstalledKey) {
+    *KEY.exclusive() = SharedKey {
+        database: ffi::my_database_id(),
+        installation: key.installation,
+        key: key.key,
+    };
+}
+
+/// Stops `emit` from sealing events until the next `publish` (the installation changed).
+pub fn withdraw() {
+    *KEY.exclusive() = SharedKey::default();
+}
+
+/// What the database says about the current installation's key.
+pub enum TableKey {
+    /// Extension outbox_ext is not installed.
+    NotInstalled,
+    /// Installed, but its SQL predates record keys: `ALTER EXTENSION outbox_ext UPDATE` is due.
+    UpdateRequired,
+    /// The table exists without a key in it (someone deleted it).
+    Missing,
+    Ready(InstalledKey),
+}
+
+/// Reads the current installation's key (the relay runs as a superuser, so row-level security
+/// does not hide the row from it).
+pub fn read_table() -> TableKey {
+    let read = BackgroundWorker::transaction(|| -> Result<TableKey, pgrx::spi::Error> {
+        let installation = Spi::get_one::<pg_sys::Oid>(&format!(
+            "SELECT to_regprocedure('{EMIT_SIGNATURE}')::oid"
+        ))?;
+        let Some(installation) = installation else { return Ok(TableKey::NotInstalled) };
+        let has_table = Spi::get_one::<bool>("SELECT to_regclass('outbox.relay_key') IS NOT NULL")?;
+        if has_table != Some(true) {
+            return Ok(TableKey::UpdateRequired);
+        }
+        let key = Spi::get_one::<Vec<u8>>("SELECT key FROM outbox.relay_key")?;
+        Ok(match key.as_deref().and_then(|k| <[u8; KEY_LEN]>::try_from(k).ok()) {
+            Some(key) => TableKey::Ready(InstalledKey { installation: installation.to_u32(), key }),
+            None => TableKey::Missing,
+        })
+    });
+    read.unwrap_or_else(|e| error!("outbox_ext: could not read the record key: {e}"))
+}
+
+/// The installation whose emit function exists now, if any (a cheap check for the relay's idle
+/// loop: has the extension been dropped, or dropped and created again?).
+pub fn current_installation() -> Option<u32> {
+    BackgroundWorker::transaction(|| {
+        Spi::get_one::<pg_sys::Oid>(&format!("SELECT to_regprocedure('{EMIT_SIGNATURE}')::oid"))
+    })
+    .unwrap_or_else(|e| error!("outbox_ext: could not look up outbox.emit: {e}"))
+    .map(|oid| oid.to_u32())
+}
+
+/// The relay's copy of the key its slot's events are sealed with, in the data directory.
+pub struct KeyFile {
+    path: PathBuf,
+}
+
+const FILE_VERSION: u8 = 1;
+
+impl KeyFile {
+    /// The copy for slot `slot` (the worker's working directory is the data directory).
+    pub fn for_slot(slot: &str) -> KeyFile {
+        KeyFile { path: PathBuf::from("pg_outbox_ext").join(format!("{slot}.key")) }
+    }
+
+    pub fn read(&self) -> Option<InstalledKey> {
+        let bytes = std::fs::read(&self.path).ok()?;
+        if bytes.len() != 1 + 4 + KEY_LEN || bytes[0] != FILE_VERSION {
+            warning!("outbox_ext: ignoring {}: not a key file of this version", self.path.display());
+            return None;
+        }
+        let installation = u32::from_le_bytes(bytes[1..5].try_into().ok()?);
+        let key = bytes[5..].try_into().ok()?;
+        Some(InstalledKey { installation, key })
+    }
+
+    /// Writes the copy durably: a temporary file, fsync, rename, fsync of the directory.
+    pub fn write(&self, key: &InstalledKey) {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let dir = self.path.parent().expect("a directory");
+        let tmp = self.path.with_extension("key.tmp");
+        let result = (|| -> std::io::Result<()> {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            f.write_all(&[FILE_VERSION])?;
+            f.write_all(&key.installation.to_le_bytes())?;
+            f.write_all(&key.key)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            std::fs::File::open(dir)?.sync_all()
+        })();
+        if let Err(e) = result {
+            error!("outbox_ext: could not write {}: {e}", self.path.display());
+        }
+    }
+
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

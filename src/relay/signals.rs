@@ -1,0 +1,45 @@
+//! The worker's signals: SIGTERM (or the postmaster's death) and SIGHUP, latched, and the latch
+//! sleep every wait of the relay goes through. Below every other relay file, so that none of
+//! them needs the worker's loop to wait.
+
+use pgrx::bgworkers::BackgroundWorker;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+static RELOAD: AtomicBool = AtomicBool::new(false);
+
+/// True once SIGTERM (or postmaster death) was seen. pgrx's flag is reset when read, so it
+/// is latched here.
+pub fn shutdown_requested() -> bool {
+    if BackgroundWorker::sigterm_received() {
+        SHUTDOWN.store(true, Ordering::Relaxed);
+    }
+    SHUTDOWN.load(Ordering::Relaxed)
+}
+
+/// True if SIGHUP arrived and the main loop has not reloaded yet. Does not consume it.
+pub fn reload_requested() -> bool {
+    if BackgroundWorker::sighup_received() {
+        RELOAD.store(true, Ordering::Relaxed);
+    }
+    RELOAD.load(Ordering::Relaxed)
+}
+
+pub fn take_reload() -> bool {
+    let pending = reload_requested();
+    RELOAD.store(false, Ordering::Relaxed);
+    pending
+}
+
+/// Sleeps on the latch; returns false if the worker must stop.
+pub fn sleep(timeout: Duration) -> bool {
+    if shutdown_requested() {
+        return false;
+    }
+    if !BackgroundWorker::wait_latch(Some(timeout.max(Duration::from_millis(1)))) {
+        SHUTDOWN.store(true, Ordering::Relaxed);
+    }
+    !shutdown_requested()
+}
+

@@ -10,11 +10,16 @@ mod tests {
     /// Runs `sql` and returns the SQLSTATE it raised ("00000" if none). The failed statement is
     /// rolled back to a savepoint, so a test can go on in the same transaction.
     fn sqlstate_of(sql: &str) -> String {
-        Spi::run(
-            "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $f$
-             BEGIN EXECUTE q; RETURN '00000'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $f$",
-        )
-        .unwrap();
+        // Defined once per session, by whoever calls first: only its owner could replace it,
+        // and tests call this after SET ROLE too.
+        let defined = Spi::get_one::<bool>("SELECT to_regprocedure('pg_temp.sqlstate_of(text)') IS NOT NULL");
+        if defined.unwrap() != Some(true) {
+            Spi::run(
+                "CREATE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $f$
+                 BEGIN EXECUTE q; RETURN '00000'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $f$",
+            )
+            .unwrap();
+        }
         Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()])
             .unwrap()
             .unwrap()
@@ -119,6 +124,24 @@ mod tests {
     }
 
     #[pg_test]
+    fn the_record_key_is_for_superusers_only() {
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.relay_key").unwrap(), Some(1));
+        assert_eq!(Spi::get_one::<i32>("SELECT length(key) FROM outbox.relay_key").unwrap(), Some(32));
+        sqlstate_of("SELECT 1"); // defines it while still superuser
+        Spi::run("CREATE ROLE outbox_test_reader").unwrap();
+        Spi::run("GRANT pg_read_all_data TO outbox_test_reader").unwrap();
+        Spi::run("SET ROLE outbox_test_reader").unwrap();
+        // pg_read_all_data may select, but row-level security without a policy shows no row.
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.relay_key").unwrap(), Some(0));
+        assert_eq!(sqlstate_of("SELECT outbox._new_key()"), "42501");
+        Spi::run("RESET ROLE").unwrap();
+        Spi::run("CREATE ROLE outbox_test_plain").unwrap();
+        Spi::run("SET ROLE outbox_test_plain").unwrap();
+        assert_eq!(sqlstate_of("SELECT key FROM outbox.relay_key"), "42501");
+        Spi::run("RESET ROLE").unwrap();
+    }
+
+    #[pg_test]
     fn settings_have_their_documented_contexts() {
         let rows = [
             ("outbox.bootstrap_servers", "sighup", ""),
@@ -152,7 +175,7 @@ mod tests {
     fn status_returns_one_row_in_a_documented_state() {
         let state = Spi::get_one::<String>("SELECT state FROM outbox.status()").unwrap().unwrap();
         assert!(
-            ["not_installed", "starting", "unconfigured", "streaming", "kafka_unavailable", "delivery_error", "stopped", "config_error", "slot_error"]
+            ["not_installed", "starting", "unconfigured", "streaming", "kafka_unavailable", "delivery_error", "stopped", "config_error", "slot_error", "update_required"]
                 .contains(&state.as_str()),
             "{state}"
         );

@@ -1,7 +1,8 @@
 //! Upgrades, as a package upgrade does them: the new library is installed while a database
-//! still has the previous version of the extension, with events waiting in WAL; then
-//! `ALTER EXTENSION outbox_ext UPDATE`. Nothing pending is lost, and the upgraded schema is the
-//! same as a fresh installation's.
+//! still has the previous version of the extension; then `ALTER EXTENSION outbox_ext UPDATE`.
+//! Until the update, emit refuses (its records could not be authenticated) and the relay says
+//! what to do; after it, events flow, also those that waited in WAL across a restart, and the
+//! upgraded schema is the same as a fresh installation's.
 
 use outbox_tests::{
     check, install_extension_script, wait_until, Collector, Emitted, MockKafka, PgCluster, DEADLINE,
@@ -13,7 +14,8 @@ const FIRST_RELEASE: &str = "0.1.0";
 
 /// Everything of the extension a user can see or rely on, one line per object: members,
 /// function signatures, results, volatility, security, settings, grants, comments and bodies,
-/// tables and their columns, and the schema's grants.
+/// tables with their row-level security, columns, indexes, constraints and policies, and the
+/// schema's grants.
 fn schema_of(pg: &PgCluster) -> String {
     pg.sql(
         "SELECT string_agg(line, E'\\n' ORDER BY line) FROM (
@@ -31,9 +33,18 @@ fn schema_of(pg: &PgCluster) -> String {
              SELECT format('function %s argument defaults %s', p.oid::regprocedure, pg_get_function_arguments(p.oid))
              FROM pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace
              UNION ALL
-             SELECT format('relation %s kind=%s acl=%s comment=%s', c.relname, c.relkind, c.relacl,
-                           obj_description(c.oid, 'pg_class'))
+             SELECT format('relation %s kind=%s acl=%s rls=%s forced=%s comment=%s', c.relname, c.relkind,
+                           c.relacl, c.relrowsecurity, c.relforcerowsecurity, obj_description(c.oid, 'pg_class'))
              FROM pg_class c WHERE c.relnamespace = 'outbox'::regnamespace
+             UNION ALL
+             SELECT format('index %s', pg_get_indexdef(i.indexrelid))
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relnamespace = 'outbox'::regnamespace
+             UNION ALL
+             SELECT format('constraint %s %s', conname, pg_get_constraintdef(oid))
+             FROM pg_constraint WHERE connamespace = 'outbox'::regnamespace
+             UNION ALL
+             SELECT format('policy %s', polname) FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+             WHERE c.relnamespace = 'outbox'::regnamespace
              UNION ALL
              SELECT format('column %s.%s %s not_null=%s default=%s', c.relname, a.attname,
                            format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid))
@@ -47,33 +58,43 @@ fn schema_of(pg: &PgCluster) -> String {
 }
 
 #[test]
-fn update_from_the_first_release_keeps_pending_events_and_matches_a_fresh_install() {
+fn update_from_the_first_release_authenticates_events_and_matches_a_fresh_install() {
     let topic = "outbox.event.upgrade";
     let kafka = MockKafka::start(3);
     kafka.create_topic(topic, 3);
     install_extension_script(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/outbox_ext--0.1.0.sql"));
-    // No Kafka settings yet: the events wait in WAL across the upgrade.
-    let pg = PgCluster::init(&[]);
+    // No Kafka settings yet: events wait in WAL.
+    let mut pg = PgCluster::init(&[]);
     pg.sql(&format!("CREATE EXTENSION outbox_ext VERSION '{FIRST_RELEASE}'"));
     wait_until("the relay to make its slot", DEADLINE, || pg.status("confirmed_lsn") != "");
     assert_eq!(pg.sql("SELECT extversion FROM pg_extension WHERE extname = 'outbox_ext'"), FIRST_RELEASE);
     let current = pg.sql("SELECT default_version FROM pg_available_extensions WHERE name = 'outbox_ext'");
     assert_ne!(current, FIRST_RELEASE, "the build under test must be a later version");
 
+    // The old SQL works with the new library (status() shows what to do), but emit refuses:
+    // there is no key to authenticate its records with yet.
+    pg.wait_for_state("update_required", DEADLINE);
+    assert!(pg.status("last_error").contains("ALTER EXTENSION outbox_ext UPDATE"));
+    let err = pg.sql_error("SELECT outbox.emit('upgrade', 'k', 'E', '{}')");
+    assert!(err.starts_with("55000") && err.contains("record key"), "{err}");
+
+    pg.sql("ALTER EXTENSION outbox_ext UPDATE");
+    assert_eq!(pg.sql("SELECT extversion FROM pg_extension WHERE extname = 'outbox_ext'"), current);
+    pg.wait_for_state("unconfigured", DEADLINE);
+
+    // Events wait in WAL, across a restart, and arrive once Kafka is configured.
     let mut emitted = Emitted::default();
     for batch in 0..10 {
         for (id, key) in pg.emit_batch("upgrade", "k", 7, batch * 50, 50, true) {
             emitted.commit(id, key);
         }
     }
-    pg.wait_for_state("unconfigured", DEADLINE);
     let pending: i64 = pg.status("pending_bytes").parse().unwrap();
     assert!(pending > 0, "events wait in WAL: pending_bytes {pending}");
+    pg.pg_ctl_stop("fast");
+    pg.pg_ctl_start();
 
-    pg.sql("ALTER EXTENSION outbox_ext UPDATE");
-    assert_eq!(pg.sql("SELECT extversion FROM pg_extension WHERE extname = 'outbox_ext'"), current);
-
-    // What was emitted under the old version arrives, and emit keeps working.
+    // What waited arrives, and emit keeps working.
     pg.set("outbox.bootstrap_servers", &kafka.bootstrap);
     pg.wait_for_state("streaming", DEADLINE);
     for (id, key) in pg.emit_batch("upgrade", "k", 7, 500, 50, true) {
@@ -81,7 +102,7 @@ fn update_from_the_first_release_keeps_pending_events_and_matches_a_fresh_instal
     }
     let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
     c.until_all(&emitted, DEADLINE);
-    check(&emitted, &c.records).assert_ok("ALTER EXTENSION UPDATE with 500 events pending", 0);
+    check(&emitted, &c.records).assert_ok("ALTER EXTENSION UPDATE, then 500 events pending across a restart", 0);
 
     // An upgraded database and a fresh installation have the same objects.
     pg.sql("CREATE DATABASE fresh");

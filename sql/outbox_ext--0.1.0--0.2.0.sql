@@ -2,7 +2,9 @@
 -- objects those of a fresh 0.2.0 installation (tests/e2e/upgrade.rs compares them):
 --
 -- * records are authenticated: the installation's key (relay_key, made here) and _new_key();
--- * status() gains rejected_records, from _relay_state(), which replaces _relay_status().
+-- * status() gains rejected_records and dead_lettered, from _relay_state(), which replaces
+--   _relay_status();
+-- * dead letters: the table dead_letter, redeliver(), redeliver_all() and _redeliver_event().
 --
 -- Until this has run, the 0.2.0 library refuses emit (55000) and the relay waits in state
 -- update_required: events of format 1, written by 0.1.0, are not relayed (drain before
@@ -17,6 +19,7 @@ CREATE FUNCTION "_relay_state"() RETURNS TABLE (
 	"state" TEXT,
 	"events_delivered" bigint,
 	"rejected_records" bigint,
+	"dead_lettered" bigint,
 	"last_error" TEXT,
 	"last_error_at" timestamp with time zone,
 	"last_delivery_at" timestamp with time zone
@@ -33,6 +36,7 @@ CREATE FUNCTION status(
     OUT pending_bytes bigint,
     OUT events_delivered bigint,
     OUT rejected_records bigint,
+    OUT dead_lettered bigint,
     OUT last_error text,
     OUT last_error_at timestamptz,
     OUT last_delivery_at timestamptz)
@@ -49,6 +53,7 @@ AS $$
            END,
            r.events_delivered,
            r.rejected_records,
+           r.dead_lettered,
            r.last_error,
            r.last_error_at,
            r.last_delivery_at
@@ -56,7 +61,7 @@ AS $$
     LEFT JOIN pg_replication_slots s ON s.slot_name = current_setting('outbox.slot_name')
 $$;
 COMMENT ON FUNCTION status() IS
-    'The outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries, messages skipped because emit did not write them (rejected_records), and the last error.';
+    'The outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries, messages skipped because emit did not write them (rejected_records), events Kafka refused for good that were set aside (dead_lettered), and the last error.';
 
 CREATE FUNCTION "_new_key"() RETURNS bytea
 STRICT VOLATILE PARALLEL UNSAFE
@@ -75,3 +80,72 @@ COMMENT ON TABLE relay_key IS
     'The key with which outbox.emit() authenticates records for the relay. Superusers only; never change or delete it.';
 INSERT INTO relay_key (key) SELECT @extschema@._new_key();
 REVOKE ALL ON FUNCTION @extschema@._new_key() FROM PUBLIC;
+
+CREATE TABLE dead_letter (
+    id uuid PRIMARY KEY,
+    aggregatetype text NOT NULL,
+    aggregateid text NOT NULL,
+    "type" text NOT NULL,
+    payload jsonb NOT NULL,
+    headers jsonb NOT NULL,
+    topic text NOT NULL,
+    error_code integer NOT NULL,
+    error text NOT NULL,
+    dead_letter_error text,
+    committed_at timestamptz NOT NULL,
+    dead_lettered_at timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON dead_letter FROM PUBLIC;
+COMMENT ON TABLE dead_letter IS
+    'Events Kafka refused for good (topic: where they were going; error_code, error: why) that the dead-letter topic refused too (dead_letter_error). outbox.redeliver() sends them again.';
+
+CREATE FUNCTION _redeliver_event(
+    id uuid,
+    aggregatetype text,
+    aggregateid text,
+    "type" text,
+    payload jsonb,
+    headers jsonb
+) RETURNS uuid
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'redeliver_event_wrapper';
+REVOKE ALL ON FUNCTION _redeliver_event(uuid, text, text, text, jsonb, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION redeliver(event_id uuid) RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d @extschema@.dead_letter;
+BEGIN
+    DELETE FROM @extschema@.dead_letter WHERE id = event_id RETURNING * INTO d;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM @extschema@._redeliver_event(d.id, d.aggregatetype, d.aggregateid, d."type", d.payload, d.headers);
+    RETURN true;
+END
+$$;
+REVOKE ALL ON FUNCTION redeliver(uuid) FROM PUBLIC;
+COMMENT ON FUNCTION redeliver(uuid) IS
+    'Sends a dead-lettered event again, with its id, in the current transaction, and deletes it from outbox.dead_letter; false if there is no such event.';
+
+CREATE FUNCTION redeliver_all() RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d @extschema@.dead_letter;
+    n bigint := 0;
+BEGIN
+    FOR d IN SELECT * FROM @extschema@.dead_letter ORDER BY committed_at, id FOR UPDATE LOOP
+        DELETE FROM @extschema@.dead_letter WHERE id = d.id;
+        PERFORM @extschema@._redeliver_event(d.id, d.aggregatetype, d.aggregateid, d."type", d.payload, d.headers);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+REVOKE ALL ON FUNCTION redeliver_all() FROM PUBLIC;
+COMMENT ON FUNCTION redeliver_all() IS
+    'Sends every dead-lettered event again, in commit order, in the current transaction, and empties outbox.dead_letter; returns how many.';

@@ -8,6 +8,7 @@ CREATE FUNCTION status(
     OUT pending_bytes bigint,
     OUT events_delivered bigint,
     OUT rejected_records bigint,
+    OUT dead_lettered bigint,
     OUT last_error text,
     OUT last_error_at timestamptz,
     OUT last_delivery_at timestamptz)
@@ -24,6 +25,7 @@ AS $$
            END,
            r.events_delivered,
            r.rejected_records,
+           r.dead_lettered,
            r.last_error,
            r.last_error_at,
            r.last_delivery_at
@@ -31,7 +33,7 @@ AS $$
     LEFT JOIN pg_replication_slots s ON s.slot_name = current_setting('outbox.slot_name')
 $$;
 COMMENT ON FUNCTION status() IS
-    'The outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries, messages skipped because emit did not write them (rejected_records), and the last error.';
+    'The outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries, messages skipped because emit did not write them (rejected_records), events Kafka refused for good that were set aside (dead_lettered), and the last error.';
 
 COMMENT ON FUNCTION @extschema@.ack_latency() IS
     'Cumulative histogram of commit → Kafka acknowledgement latency per transaction since the server started: transactions with latency <= le_ms.';

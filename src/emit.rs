@@ -37,8 +37,6 @@ fn emit(
     headers: default!(Option<JsonbText>, "NULL"),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pgrx::Uuid {
-    readiness::check_ready().or_raise();
-    let topic_template = gucs::topic_template();
     let args = EmitArgs {
         aggregatetype,
         aggregateid,
@@ -46,6 +44,16 @@ fn emit(
         payload: payload.as_ref().map(|p| p.0.as_str()),
         headers: headers.as_ref().map(|h| h.0.as_str()),
     };
+    // Sealed for this installation: the emit function being called.
+    write_event(args, None, ffi::called_function_oid(fcinfo))
+}
+
+/// Validates the event, checks that the relay will read it, and writes it into the caller's
+/// transaction sealed with the key of `installation` (the OID of its emit function). `id` is a
+/// new UUIDv7 unless given (a redelivered event keeps its own).
+pub fn write_event(args: EmitArgs<'_>, id: Option<[u8; 16]>, installation: u32) -> pgrx::Uuid {
+    readiness::check_ready().or_raise();
+    let topic_template = gucs::topic_template();
     let limits = EmitLimits {
         max_payload_bytes: gucs::max_payload_bytes(),
         max_record_bytes: gucs::max_record_bytes(),
@@ -68,9 +76,9 @@ fn emit(
         SlotCheck::Invalidated => raise(OutboxError::SlotInvalidated { slot }),
     }
 
-    // Sealed for this installation (the emit function being called) and this transaction.
-    let key = record_key::for_emit(ffi::called_function_oid(fcinfo)).or_raise();
-    let id = next_id();
+    // Sealed for this installation and this transaction.
+    let key = record_key::for_emit(installation).or_raise();
+    let id = id.unwrap_or_else(next_id);
     ffi::log_event_message(&event::seal(&key, ffi::top_transaction_id(), &id, &event));
     pgrx::Uuid::from_bytes(id)
 }

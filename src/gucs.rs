@@ -4,7 +4,9 @@
 //! Getters must run on a Postgres thread (the backend's or the worker's main thread). The relay
 //! copies what it needs into [`crate::relay::RelaySettings`] before librdkafka sees any of it.
 
+use outbox_core::dead_letter::OnPermanentError;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::PostgresGucEnum;
 use std::ffi::CString;
 
 /// The setting that may hold secrets, by name (for the log filter in `ffi.rs`).
@@ -19,6 +21,18 @@ static KAFKA_PROPERTIES_GUC: GucSetting<Option<CString>> = GucSetting::<Option<C
 static MAX_PAYLOAD_BYTES_GUC: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 static MAX_RECORD_BYTES_GUC: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 static MAX_PENDING_MB_GUC: GucSetting<i32> = GucSetting::<i32>::new(0);
+static ON_PERMANENT_ERROR_GUC: GucSetting<PermanentErrorSetting> =
+    GucSetting::<PermanentErrorSetting>::new(PermanentErrorSetting::Stop);
+static DEAD_LETTER_TOPIC_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"outbox.dead_letter"));
+
+/// The values of `outbox.on_permanent_error`.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PermanentErrorSetting {
+    #[name = c"stop"]
+    Stop,
+    #[name = c"dead_letter"]
+    DeadLetter,
+}
 
 /// Registers the settings and reserves the `outbox` prefix, so a typo such as
 /// `outbox.bootstrap_server` is reported instead of silently ignored. Only called while the
@@ -95,6 +109,22 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MB,
     );
+    GucRegistry::define_enum_guc(
+        c"outbox.on_permanent_error",
+        c"What the relay does with an event Kafka refuses for good: stop (until outbox.resume()) or dead_letter.",
+        c"dead_letter sets the event aside, in outbox.dead_letter_topic or else the table outbox.dead_letter, and carries on.",
+        &ON_PERMANENT_ERROR_GUC,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.dead_letter_topic",
+        c"The Kafka topic that events refused for good go to when outbox.on_permanent_error = dead_letter.",
+        c"",
+        &DEAD_LETTER_TOPIC_GUC,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
     crate::ffi::reserve_guc_prefix("outbox");
 }
 
@@ -136,4 +166,15 @@ pub fn max_payload_bytes() -> usize {
 /// The largest Kafka record, in librdkafka's measure; also the producer's message.max.bytes.
 pub fn max_record_bytes() -> usize {
     MAX_RECORD_BYTES_GUC.get().max(1) as usize
+}
+
+pub fn on_permanent_error() -> OnPermanentError {
+    match ON_PERMANENT_ERROR_GUC.get() {
+        PermanentErrorSetting::Stop => OnPermanentError::Stop,
+        PermanentErrorSetting::DeadLetter => OnPermanentError::DeadLetter,
+    }
+}
+
+pub fn dead_letter_topic() -> String {
+    string(&DEAD_LETTER_TOPIC_GUC).trim().to_string()
 }

@@ -14,6 +14,7 @@
 
 #![deny(unsafe_code)]
 
+mod dead_letter;
 mod emit;
 mod error;
 #[allow(unsafe_code)]

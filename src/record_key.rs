@@ -137,11 +137,14 @@ pub fn read_table() -> TableKey {
 /// The installation whose emit function exists now, if any (a cheap check for the relay's idle
 /// loop: has the extension been dropped, or dropped and created again?).
 pub fn current_installation() -> Option<u32> {
-    BackgroundWorker::transaction(|| {
-        Spi::get_one::<pg_sys::Oid>(&format!("SELECT to_regprocedure('{EMIT_SIGNATURE}')::oid"))
-    })
-    .unwrap_or_else(|e| error!("outbox_ext: could not look up outbox.emit: {e}"))
-    .map(|oid| oid.to_u32())
+    BackgroundWorker::transaction(installation_in_transaction)
+}
+
+/// The installation whose emit function the current transaction sees, if any.
+pub fn installation_in_transaction() -> Option<u32> {
+    Spi::get_one::<pg_sys::Oid>(&format!("SELECT to_regprocedure('{EMIT_SIGNATURE}')::oid"))
+        .unwrap_or_else(|e| error!("outbox_ext: could not look up outbox.emit: {e}"))
+        .map(|oid| oid.to_u32())
 }
 
 /// The relay's copy of the key its slot's events are sealed with, in the data directory.

@@ -140,6 +140,13 @@ impl StatusWriter {
         }
     }
 
+    /// Counts events set aside because Kafka refused them for good.
+    pub fn add_dead_lettered(&mut self, n: u64) {
+        if n > 0 {
+            STATUS.exclusive().events_dead_lettered += n;
+        }
+    }
+
     /// How many times `outbox.resume()` was called.
     pub fn resume_requests(&self) -> u64 {
         STATUS.share().resume_requests
@@ -186,6 +193,7 @@ struct Snapshot {
     state: String,
     events_delivered: i64,
     records_rejected: i64,
+    events_dead_lettered: i64,
     last_error: Option<String>,
     last_error_at: Option<TimestampWithTimeZone>,
     last_delivery_at: Option<TimestampWithTimeZone>,
@@ -199,6 +207,7 @@ fn snapshot() -> Snapshot {
         state: RelayState::from_u8(s.state).as_str().to_string(),
         events_delivered: s.events_delivered as i64,
         records_rejected: s.records_rejected as i64,
+        events_dead_lettered: s.events_dead_lettered as i64,
         last_error: (s.last_error_len > 0)
             .then(|| String::from_utf8_lossy(&s.last_error[..s.last_error_len as usize]).into_owned()),
         last_error_at: timestamp(s.last_error_at),
@@ -208,6 +217,7 @@ fn snapshot() -> Snapshot {
 
 /// The worker's half of `outbox.status()`.
 #[pg_extern(name = "_relay_state", stable, parallel_safe)]
+#[allow(clippy::type_complexity)] // the columns, as pgrx spells them
 fn relay_state() -> TableIterator<
     'static,
     (
@@ -215,6 +225,7 @@ fn relay_state() -> TableIterator<
         name!(state, String),
         name!(events_delivered, i64),
         name!(rejected_records, i64),
+        name!(dead_lettered, i64),
         name!(last_error, Option<String>),
         name!(last_error_at, Option<TimestampWithTimeZone>),
         name!(last_delivery_at, Option<TimestampWithTimeZone>),
@@ -226,6 +237,7 @@ fn relay_state() -> TableIterator<
         s.state,
         s.events_delivered,
         s.records_rejected,
+        s.events_dead_lettered,
         s.last_error,
         s.last_error_at,
         s.last_delivery_at,
@@ -235,6 +247,7 @@ fn relay_state() -> TableIterator<
 /// 0.1.0's `_relay_status()`: its SQL, still installed between a package upgrade and
 /// `ALTER EXTENSION outbox_ext UPDATE` (which drops it), calls this symbol.
 #[pg_extern(name = "_relay_status", stable, parallel_safe, sql = false)]
+#[allow(clippy::type_complexity)] // the columns, as pgrx spells them
 fn relay_status() -> TableIterator<
     'static,
     (

@@ -151,6 +151,8 @@ mod tests {
             ("outbox.max_payload_bytes", "superuser", "1000000"),
             ("outbox.max_record_bytes", "sighup", "1000000"),
             ("outbox.max_pending_bytes", "sighup", "0"),
+            ("outbox.on_permanent_error", "sighup", "stop"),
+            ("outbox.dead_letter_topic", "sighup", "outbox.dead_letter"),
         ];
         for (name, context, setting) in rows {
             let got = Spi::get_two_with_args::<String, String>(
@@ -167,6 +169,7 @@ mod tests {
         assert_eq!(listed.unwrap(), Some(0));
         let value = Spi::get_one::<String>("SELECT current_setting('outbox.kafka_properties')");
         assert_eq!(value.unwrap().as_deref(), Some(""));
+        assert_eq!(sqlstate_of("SET outbox.on_permanent_error = 'dead-letter'"), "22023");
         // The prefix is reserved: a typo is an error, not a silent placeholder.
         assert_eq!(sqlstate_of("SET outbox.bootstrap_server = 'x'"), "42602");
     }
@@ -185,5 +188,51 @@ mod tests {
             Spi::get_one::<String>("SELECT slot_name FROM outbox.status()").unwrap().as_deref(),
             Some("outbox_ext")
         );
+    }
+
+    /// A row as the relay stores it when the dead-letter topic refused the event too.
+    fn insert_dead_letter(id: &str, payload: &str) {
+        Spi::run(&format!(
+            "INSERT INTO outbox.dead_letter (id, aggregatetype, aggregateid, type, payload, headers, topic, error_code, error, dead_letter_error, committed_at)
+             VALUES ('{id}', 'order', 'o-1', 'OrderCreated', '{payload}', '{{\"trace\": \"t\"}}', 'outbox.event.order', 29,
+                     'Broker: Topic authorization failed', 'Broker: Message size too large', now())"
+        ))
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn dead_letters_are_redelivered_with_their_id_by_superusers_only() {
+        wait_for_slot();
+        let id = "01890000-0000-7000-8000-000000000001";
+        insert_dead_letter(id, r#"{"n": 1}"#);
+        insert_dead_letter("01890000-0000-7000-8000-000000000002", r#"{"n": 2}"#);
+
+        Spi::run("CREATE ROLE outbox_test_writer").unwrap();
+        Spi::run("GRANT USAGE ON SCHEMA outbox TO outbox_test_writer").unwrap();
+        Spi::run("GRANT EXECUTE ON FUNCTION outbox.emit(text, text, text, jsonb, jsonb) TO outbox_test_writer").unwrap();
+        sqlstate_of("SELECT 1");
+        Spi::run("SET ROLE outbox_test_writer").unwrap();
+        for sql in [
+            "SELECT outbox.redeliver('01890000-0000-7000-8000-000000000001')",
+            "SELECT outbox.redeliver_all()",
+            "SELECT outbox._redeliver_event(gen_random_uuid(), 'a', 'k', 't', '{}', '{}')",
+            "SELECT count(*) FROM outbox.dead_letter",
+        ] {
+            assert_eq!(sqlstate_of(sql), "42501", "{sql}");
+        }
+        Spi::run("RESET ROLE").unwrap();
+
+        assert_eq!(Spi::get_one::<bool>(&format!("SELECT outbox.redeliver('{id}')")).unwrap(), Some(true));
+        assert_eq!(Spi::get_one::<bool>(&format!("SELECT outbox.redeliver('{id}')")).unwrap(), Some(false));
+        assert_eq!(Spi::get_one::<i64>("SELECT outbox.redeliver_all()").unwrap(), Some(1));
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.dead_letter").unwrap(), Some(0));
+
+        // Still too large: the redelivery fails in the caller's transaction, and the row stays.
+        Spi::run("SET outbox.max_payload_bytes = 10").unwrap();
+        insert_dead_letter(id, &format!(r#"{{"pad": "{}"}}"#, "x".repeat(20)));
+        assert_eq!(sqlstate_of(&format!("SELECT outbox.redeliver('{id}')")), "54000");
+        assert_eq!(sqlstate_of("SELECT outbox.redeliver_all()"), "54000");
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.dead_letter").unwrap(), Some(1));
+        Spi::run("RESET outbox.max_payload_bytes").unwrap();
     }
 }

@@ -164,7 +164,7 @@ pub fn parse_headers(json: &str) -> Result<Vec<(String, String)>, OutboxError> {
     };
     let mut headers = Vec::with_capacity(object.len());
     for (key, value) in object {
-        if RESERVED_HEADERS.contains(&key.as_str()) {
+        if RESERVED_HEADERS.contains(&key.as_str()) || key.starts_with(crate::dead_letter::RESERVED_PREFIX) {
             return Err(OutboxError::InvalidHeaders {
                 reason: format!("\"{key}\" is set by outbox_ext itself and cannot be overridden"),
             });
@@ -415,7 +415,7 @@ mod tests {
             assert!(matches!(e, OutboxError::InvalidHeaders { .. }), "{h}");
             assert_eq!(e.sqlstate().code(), "22023");
         }
-        for reserved in RESERVED_HEADERS {
+        for reserved in RESERVED_HEADERS.into_iter().chain(crate::dead_letter::HEADERS) {
             let h = format!(r#"{{"{reserved}": "x"}}"#);
             assert!(validate(EmitArgs { headers: Some(&h), ..args() }, LIMITS).is_err());
         }

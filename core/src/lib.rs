@@ -12,6 +12,7 @@
 //! ```
 
 pub mod auth;
+pub mod dead_letter;
 pub mod error;
 pub mod event;
 pub mod kafka_settings;

@@ -97,6 +97,23 @@ impl DeliveryTracker {
         self.advance()
     }
 
+    /// The end LSN of the transaction of the event registered under `seq`, while it is tracked.
+    pub fn end_lsn_of(&self, seq: TxnSeq) -> Option<u64> {
+        seq.checked_sub(self.first_seq).and_then(|i| self.txns.get(i as usize)).map(|t| t.end_lsn)
+    }
+
+    /// The event registered under `seq` was refused for good and set aside (dead-lettered): it
+    /// no longer holds its transaction back, and it does not count as delivered.
+    pub fn set_aside(&mut self, seq: TxnSeq) -> Progress {
+        let Some(txn) = seq.checked_sub(self.first_seq).and_then(|i| self.txns.get_mut(i as usize)) else {
+            return Progress::default();
+        };
+        txn.outstanding = txn.outstanding.saturating_sub(1);
+        txn.events = txn.events.saturating_sub(1);
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.advance()
+    }
+
     fn advance(&mut self) -> Progress {
         let mut progress = Progress::default();
         if self.failed {
@@ -217,6 +234,25 @@ mod tests {
         t.close_txn(200);
         t.delivered(b2, true);
         assert_eq!(t.confirmable(250), 250);
+    }
+
+    #[test]
+    fn a_set_aside_event_completes_its_transaction_without_counting_as_delivered() {
+        let mut t = DeliveryTracker::new();
+        let a1 = t.add_event(100, 100);
+        let a2 = t.add_event(100, 100);
+        t.close_txn(100);
+        let b = t.add_event(200, 200);
+        t.close_txn(200);
+        t.delivered(b, true);
+        t.delivered(a1, true);
+        assert_eq!(t.confirmable(300), 0, "a2 is neither delivered nor set aside");
+        assert_eq!(t.end_lsn_of(a2), Some(100));
+        assert_eq!(t.set_aside(a2), Progress { events_completed: 2, txns_completed: 2 });
+        assert_eq!(t.end_lsn_of(a2), None);
+        assert_eq!(t.confirmable(300), 300);
+        assert_eq!(t.in_flight(), 0);
+        assert_eq!(t.set_aside(a2), Progress::default(), "a stale seq changes nothing");
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct RelayStatus {
     pub ack_latency: [u64; latency::BUCKETS],
     /// Messages under the outbox prefix that emit did not write, skipped since the server started.
     pub records_rejected: u64,
+    /// Events Kafka refused for good that were set aside (dead-letter topic or table).
+    pub events_dead_lettered: u64,
 }
 
 impl Default for RelayStatus {
@@ -43,6 +45,7 @@ impl Default for RelayStatus {
             retiring: false,
             ack_latency: [0; latency::BUCKETS],
             records_rejected: 0,
+            events_dead_lettered: 0,
         }
     }
 }

@@ -7,17 +7,19 @@ use super::produce::{Failure, KafkaProducer, QueueFull, Report};
 use super::signals;
 use crate::ffi::{DecodeSink, TxnInfo};
 use outbox_core::auth::RecordKey;
+use outbox_core::dead_letter::{self as dl, DeadLetter, OnPermanentError, Record, Refusal};
 use outbox_core::event::{self, EventRef};
 use outbox_core::routing;
 use outbox_core::tracker::{DeliveryTracker, Progress};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// No acknowledgement for this long while events are in flight counts as Kafka unavailable.
 pub const ACK_STALL: Duration = Duration::from_secs(5);
 
-/// At most one warning about skipped messages in this long (the rest are counted in it).
-const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// At most one warning of a kind (skipped messages, dead letters) in this long; the next one
+/// counts those held back.
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Opens the messages under the outbox prefix with the installation's key. A message that does
 /// not open (forged, copied into another transaction, or of format 1) is skipped: counted for
@@ -29,14 +31,35 @@ pub struct Opener {
     rejected: u64,
     /// The highest message position counted: a rewind decodes messages again, and they count once.
     counted_upto: u64,
-    last_warning: Option<Instant>,
-    /// Skipped since the last warning.
-    unwarned: u64,
+    warnings: Warnings,
+}
+
+/// Warnings of one kind, at most one per [`WARNING_INTERVAL`]; each says how many were held back.
+#[derive(Default)]
+pub struct Warnings {
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl Warnings {
+    pub fn warn(&mut self, message: impl FnOnce() -> String) {
+        if self.last.is_some_and(|t| t.elapsed() < WARNING_INTERVAL) {
+            self.held_back += 1;
+            return;
+        }
+        let more = std::mem::take(&mut self.held_back);
+        pgrx::warning!(
+            "outbox_ext relay: {}{}",
+            message(),
+            if more > 0 { format!(" ({more} more since the last such warning)") } else { String::new() }
+        );
+        self.last = Some(Instant::now());
+    }
 }
 
 impl Opener {
     pub fn new(key: Option<RecordKey>) -> Opener {
-        Opener { key, rejected: 0, counted_upto: 0, last_warning: None, unwarned: 0 }
+        Opener { key, rejected: 0, counted_upto: 0, warnings: Warnings::default() }
     }
 
     pub fn set_key(&mut self, key: Option<RecordKey>) {
@@ -64,19 +87,13 @@ impl Opener {
         }
         self.counted_upto = lsn;
         self.rejected += 1;
-        self.unwarned += 1;
-        if self.last_warning.is_some_and(|t| t.elapsed() < REJECT_LOG_INTERVAL) {
-            return;
-        }
-        let more = self.unwarned - 1;
-        pgrx::warning!(
-            "outbox_ext relay: skipped a message under the outbox_ext prefix at {:X}/{:X} that outbox.emit() did not write ({why}){}",
-            lsn >> 32,
-            lsn as u32,
-            if more > 0 { format!("; {more} more since the last such warning") } else { String::new() }
-        );
-        self.last_warning = Some(Instant::now());
-        self.unwarned = 0;
+        self.warnings.warn(|| {
+            format!(
+                "skipped a message under the outbox_ext prefix at {:X}/{:X} that outbox.emit() did not write ({why})",
+                lsn >> 32,
+                lsn as u32
+            )
+        });
     }
 
     /// Messages skipped since the last call.
@@ -108,6 +125,46 @@ impl DecodeSink for Routing<'_> {
     }
 }
 
+/// Events Kafka refused for good, with why: remembered across a rewind, so that an event whose
+/// refusal made the producer fatal (the gapless guarantee) is set aside when decoded again,
+/// instead of being refused, and the producer rebuilt, forever. An event is known by its
+/// transaction's end LSN and its id: a redelivered event (same id, new transaction) is tried
+/// afresh. Holds the newest [`Refused::CAPACITY`].
+#[derive(Default)]
+pub struct Refused {
+    by_event: HashMap<(u64, String), Refusal>,
+    order: VecDeque<(u64, String)>,
+}
+
+impl Refused {
+    const CAPACITY: usize = 100_000;
+
+    fn insert(&mut self, end_lsn: u64, id: &str, refusal: Refusal) {
+        let key = (end_lsn, id.to_string());
+        if self.by_event.insert(key.clone(), refusal).is_none() {
+            self.order.push_back(key);
+            if self.order.len() > Self::CAPACITY {
+                let oldest = self.order.pop_front().expect("not empty");
+                self.by_event.remove(&oldest);
+            }
+        }
+    }
+
+    fn get(&self, end_lsn: u64, id: &str) -> Option<&Refusal> {
+        if self.by_event.is_empty() {
+            return None;
+        }
+        self.by_event.get(&(end_lsn, id.to_string()))
+    }
+}
+
+/// Where refused records go (`outbox.on_permanent_error`, `outbox.dead_letter_topic`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterPolicy {
+    pub on_permanent_error: OnPermanentError,
+    pub topic: String,
+}
+
 /// Everything between decoding and Kafka: the producer, the tracker of what is in flight, and
 /// what happened since the worker last looked.
 pub struct EventRouter {
@@ -115,6 +172,18 @@ pub struct EventRouter {
     pub tracker: DeliveryTracker,
     topic_template: String,
     topics: HashMap<String, String>,
+    pub policy: DeadLetterPolicy,
+    pub refused: Refused,
+    /// Refused records waiting to be produced to the dead-letter topic.
+    to_topic: VecDeque<DeadLetter>,
+    /// Refused records the dead-letter topic refused too: the worker writes them into the table
+    /// `outbox.dead_letter` (outside decoding, in a transaction of its own) and then calls
+    /// [`EventRouter::stored_in_table`].
+    pub to_table: Vec<DeadLetter>,
+    /// Events set aside (acknowledged by the dead-letter topic, or stored in the table) since
+    /// the last `take_dead_lettered`.
+    dead_lettered: u64,
+    dead_letter_warnings: Warnings,
     /// Events acknowledged (in fully acknowledged transactions) since the last `take_progress`.
     delivered: u64,
     /// The newest error from Kafka, to show in outbox.status().
@@ -130,12 +199,18 @@ pub struct EventRouter {
 }
 
 impl EventRouter {
-    pub fn new(producer: KafkaProducer, topic_template: String) -> EventRouter {
+    pub fn new(producer: KafkaProducer, topic_template: String, policy: DeadLetterPolicy) -> EventRouter {
         EventRouter {
             producer,
             tracker: DeliveryTracker::new(),
             topic_template,
             topics: HashMap::new(),
+            policy,
+            refused: Refused::default(),
+            to_topic: VecDeque::new(),
+            to_table: Vec::new(),
+            dead_lettered: 0,
+            dead_letter_warnings: Warnings::default(),
             delivered: 0,
             last_error: None,
             halted: false,
@@ -167,22 +242,57 @@ impl EventRouter {
         self.producer.poll();
         while let Ok(report) = self.producer.reports().try_recv() {
             match report {
-                Report::Delivery { seq, error: None } => {
+                Report::Delivery { seq, dead_letter, error: None } => {
                     self.last_ack = Instant::now();
                     self.broker_trouble = false;
-                    let p = self.tracker.delivered(seq, true);
+                    let p = if dead_letter {
+                        self.dead_lettered += 1;
+                        self.tracker.set_aside(seq)
+                    } else {
+                        self.tracker.delivered(seq, true)
+                    };
                     self.record(p);
                 }
-                Report::Delivery { seq, error: Some(failure) } => {
-                    self.tracker.delivered(seq, false);
-                    self.fail(failure);
+                Report::Delivery { seq, dead_letter: false, error: Some(failure) } => {
+                    match (self.set_aside_permanently(), failure.record) {
+                        (true, Some(record)) if failure.permanent => {
+                            self.warn_set_aside(&failure.message);
+                            let fields = dl::EventFields::of_record(&record.headers);
+                            if let (Some(f), Some(end_lsn)) = (fields, self.tracker.end_lsn_of(seq)) {
+                                self.refused.insert(end_lsn, f.id, failure.refusal.clone());
+                            }
+                            self.to_topic.push_back(DeadLetter {
+                                seq,
+                                record,
+                                refusal: failure.refusal,
+                                dead_letter_error: None,
+                            });
+                        }
+                        (_, record) => {
+                            self.tracker.delivered(seq, false);
+                            self.fail(Failure { record, ..failure });
+                        }
+                    }
                 }
+                Report::Delivery { seq, dead_letter: true, error: Some(failure) } => match failure.record {
+                    Some(record) if failure.permanent => {
+                        self.warn_to_table(&failure.message);
+                        self.to_table.push(DeadLetter::refused_again(seq, record, failure.refusal.message))
+                    }
+                    record => {
+                        // Not refused for good (a timeout, a disconnect): the rewind retries
+                        // the event from its own topic.
+                        self.tracker.delivered(seq, false);
+                        self.fail(Failure { record, ..failure });
+                    }
+                },
                 Report::Client { message } => {
                     self.last_error = Some(message);
                     self.broker_trouble = true;
                 }
             }
         }
+        self.send_dead_letters();
         if !self.halted {
             if let Some(fatal) = self.producer.fatal_error() {
                 // The idempotent producer cannot go on; the rewind rebuilds it.
@@ -205,6 +315,77 @@ impl EventRouter {
     pub fn take_delivered(&mut self) -> u64 {
         std::mem::take(&mut self.delivered)
     }
+
+    /// Events newly set aside since the last call.
+    pub fn take_dead_lettered(&mut self) -> u64 {
+        std::mem::take(&mut self.dead_lettered)
+    }
+
+    fn set_aside_permanently(&self) -> bool {
+        self.policy.on_permanent_error == OnPermanentError::DeadLetter
+    }
+
+    /// Produces the refused records to the dead-letter topic: the original record with the
+    /// reasons appended as headers. One that cannot even be handed over for good (too large for
+    /// `message.max.bytes` with the added headers) goes to the table instead.
+    fn send_dead_letters(&mut self) {
+        while !self.halted {
+            let Some(dead) = self.to_topic.front() else { return };
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let headers = dl::dead_letter_headers(&dead.record.headers, &dead.refusal, now_ms);
+            let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let r = &dead.record;
+            match self.producer.send(&self.policy.topic, &r.key, &r.value, &headers, r.timestamp_ms, dead.seq, true) {
+                Ok(()) => {
+                    self.to_topic.pop_front();
+                }
+                // Tried again at the next poll.
+                Err(Ok(QueueFull)) => return,
+                Err(Err(e)) => {
+                    let dead = self.to_topic.pop_front().expect("front exists");
+                    let id = dl::EventFields::of_record(&dead.record.headers).map_or("?", |f| f.id).to_string();
+                    let failure = Failure::of(&id, &self.policy.topic, &e);
+                    if failure.permanent {
+                        self.warn_to_table(&failure.message);
+                        self.to_table.push(DeadLetter { dead_letter_error: Some(failure.refusal.message), ..dead });
+                    } else {
+                        self.tracker.delivered(dead.seq, false);
+                        self.fail(failure);
+                    }
+                }
+            }
+        }
+    }
+
+    fn warn_set_aside(&mut self, failure: &str) {
+        let topic = &self.policy.topic;
+        self.dead_letter_warnings.warn(|| format!("{failure}; setting the event aside in dead-letter topic {topic}"));
+    }
+
+    fn warn_to_table(&mut self, failure: &str) {
+        self.dead_letter_warnings.warn(|| format!("{failure}; storing the event in table outbox.dead_letter"));
+    }
+
+    /// The dead letters `seqs` could not be stored anywhere: the relay stops at them.
+    pub fn fail_permanently(&mut self, seqs: impl IntoIterator<Item = u64>, message: String) {
+        for seq in seqs {
+            self.tracker.delivered(seq, false);
+        }
+        self.permanent.get_or_insert_with(|| message.clone());
+        self.last_error = Some(message);
+        self.halted = true;
+    }
+
+    /// The worker stored these dead letters in the table, durably.
+    pub fn stored_in_table(&mut self, seqs: impl IntoIterator<Item = u64>) {
+        for seq in seqs {
+            self.dead_lettered += 1;
+            let p = self.tracker.set_aside(seq);
+            self.record(p);
+        }
+    }
 }
 
 impl EventRouter {
@@ -215,8 +396,14 @@ impl EventRouter {
         let timestamp = routing::pg_timestamp_to_unix_ms(txn.commit_time);
         let seq = self.tracker.add_event(txn.end_lsn, txn.commit_time);
         let topic = self.topic(ev.aggregatetype).to_string();
+        if self.set_aside_permanently() {
+            if let Some(refusal) = self.refused.get(txn.end_lsn, &id).cloned() {
+                self.set_aside(seq, record_of(topic, ev, &headers, timestamp), refusal);
+                return;
+            }
+        }
         loop {
-            match self.producer.send(&topic, ev.aggregateid, ev.payload, &headers, timestamp, seq) {
+            match self.producer.send(&topic, ev.aggregateid, ev.payload, &headers, timestamp, seq, false) {
                 Ok(()) => return,
                 Err(Ok(QueueFull)) => {
                     // Back-pressure: librdkafka holds as much as queue.buffering.max.kbytes
@@ -242,8 +429,14 @@ impl EventRouter {
                 Err(Err(e)) => {
                     // Refused before it left: too large for message.max.bytes, a topic known
                     // not to exist, or a producer in a fatal state.
-                    self.tracker.delivered(seq, false);
-                    self.fail(Failure::of(&id, &topic, &e));
+                    let failure = Failure::of(&id, &topic, &e);
+                    if failure.permanent && self.set_aside_permanently() {
+                        self.warn_set_aside(&failure.message);
+                        self.set_aside(seq, record_of(topic, ev, &headers, timestamp), failure.refusal);
+                    } else {
+                        self.tracker.delivered(seq, false);
+                        self.fail(failure);
+                    }
                     return;
                 }
             }
@@ -253,5 +446,22 @@ impl EventRouter {
     fn commit(&mut self, txn: TxnInfo) {
         let p = self.tracker.close_txn(txn.end_lsn);
         self.record(p);
+    }
+
+    /// Sends event `seq`'s `record`, refused for good, to the dead-letter topic.
+    fn set_aside(&mut self, seq: u64, record: Record, refusal: Refusal) {
+        self.to_topic.push_back(DeadLetter { seq, record, refusal, dead_letter_error: None });
+        self.send_dead_letters();
+    }
+}
+
+/// The record the relay makes of `ev`, owned.
+fn record_of(topic: String, ev: &EventRef<'_>, headers: &[(&str, &str)], timestamp_ms: i64) -> Record {
+    Record {
+        topic,
+        key: ev.aggregateid.to_string(),
+        value: ev.payload.to_string(),
+        headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        timestamp_ms,
     }
 }

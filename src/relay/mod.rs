@@ -45,6 +45,8 @@ pub struct RelaySettings {
     pub topic_template: String,
     /// `outbox.max_record_bytes`, the producer's `message.max.bytes`.
     pub max_record_bytes: usize,
+    /// `outbox.on_permanent_error` and `outbox.dead_letter_topic`.
+    pub dead_letters: decode::DeadLetterPolicy,
     /// May hold secrets: never logged, never shown (see the Debug impl).
     kafka_properties: String,
 }
@@ -55,6 +57,7 @@ impl std::fmt::Debug for RelaySettings {
             .field("bootstrap_servers", &self.bootstrap_servers)
             .field("topic_template", &self.topic_template)
             .field("max_record_bytes", &self.max_record_bytes)
+            .field("dead_letters", &self.dead_letters)
             .field("kafka_properties", &"<hidden>")
             .finish()
     }
@@ -66,6 +69,10 @@ impl RelaySettings {
             bootstrap_servers: gucs::bootstrap_servers(),
             topic_template: gucs::topic_template(),
             max_record_bytes: gucs::max_record_bytes(),
+            dead_letters: decode::DeadLetterPolicy {
+                on_permanent_error: gucs::on_permanent_error(),
+                topic: gucs::dead_letter_topic(),
+            },
             kafka_properties: gucs::kafka_properties(),
         }
     }

@@ -3,6 +3,7 @@
 //! crossbeam channel, so no Postgres code ever runs on a librdkafka thread.
 
 use crossbeam_channel::{Receiver, Sender};
+use outbox_core::dead_letter::{Record, Refusal};
 use outbox_core::tracker::TxnSeq;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -15,7 +16,8 @@ use std::time::Duration;
 #[derive(Debug)]
 pub enum Report {
     /// The record registered under `seq` was acknowledged (`error` is None) or failed.
-    Delivery { seq: TxnSeq, error: Option<Failure> },
+    /// `dead_letter`: it was the dead-letter copy of a refused record (see [`KafkaProducer::send`]).
+    Delivery { seq: TxnSeq, dead_letter: bool, error: Option<Failure> },
     /// A client-level error (all brokers down, authentication, fatal idempotence error).
     Client { message: String },
 }
@@ -70,16 +72,21 @@ impl ClientContext for RelayContext {
 impl ProducerContext for RelayContext {
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let error = match result {
             Ok(_) => None,
             Err((e, m)) => {
                 let mut failure = Failure::of(&event_id(m).unwrap_or_else(|| "?".into()), m.topic(), e);
                 failure.message = self.redact(&failure.message);
+                if failure.permanent {
+                    // Kept only for records no retry can deliver: the dead-letter path needs them.
+                    failure.record = Some(record_of(m));
+                }
                 Some(failure)
             }
         };
-        let _ = self.reports.send(Report::Delivery { seq: seq as TxnSeq, error });
+        let (seq, dead_letter) = unpack_opaque(opaque);
+        let _ = self.reports.send(Report::Delivery { seq, dead_letter, error });
     }
 }
 
@@ -88,8 +95,13 @@ impl ProducerContext for RelayContext {
 pub struct Failure {
     /// What happened, naming the event and topic, with secret values cut out.
     pub message: String,
-    /// No retry can succeed (see [`is_permanent`]): the relay stops until an operator acts.
+    /// No retry can succeed (see [`is_permanent`]): the relay stops until an operator acts, or
+    /// sets the record aside (`outbox.on_permanent_error`).
     pub permanent: bool,
+    /// Kafka's reason: librdkafka's error code and its description.
+    pub refusal: Refusal,
+    /// The refused record, for a permanent failure reported by librdkafka.
+    pub record: Option<Record>,
 }
 
 impl Failure {
@@ -97,8 +109,39 @@ impl Failure {
     pub fn of(id: &str, topic: &str, error: &KafkaError) -> Failure {
         let code = error.rdkafka_error_code();
         let reason = code.map(|c| c.to_string()).unwrap_or_else(|| error.to_string());
-        Failure { message: format!("event {id} to topic {topic}: {reason}"), permanent: code.is_some_and(is_permanent) }
+        Failure {
+            message: format!("event {id} to topic {topic}: {reason}"),
+            permanent: code.is_some_and(is_permanent),
+            refusal: Refusal { code: code.map_or(-1, |c| c as i32), message: reason, topic: topic.to_string() },
+            record: None,
+        }
     }
+}
+
+/// The record librdkafka reports on, copied out of it.
+fn record_of<M: Message>(m: &M) -> Record {
+    use rdkafka::message::Headers;
+    let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
+    let headers =
+        m.headers().map(|hs| hs.iter().map(|h| (h.key.to_string(), text(h.value))).collect()).unwrap_or_default();
+    Record {
+        topic: m.topic().to_string(),
+        key: text(m.key()),
+        value: text(m.payload()),
+        headers,
+        timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+    }
+}
+
+/// The opaque of a dead-letter copy has this bit set on top of its event's sequence number.
+const DEAD_LETTER_BIT: usize = 1 << 63;
+
+fn pack_opaque(seq: TxnSeq, dead_letter: bool) -> usize {
+    seq as usize | if dead_letter { DEAD_LETTER_BIT } else { 0 }
+}
+
+fn unpack_opaque(opaque: usize) -> (TxnSeq, bool) {
+    ((opaque & !DEAD_LETTER_BIT) as TxnSeq, opaque & DEAD_LETTER_BIT != 0)
 }
 
 /// Errors for one record that resending the same bytes to the same cluster cannot fix: the
@@ -172,7 +215,8 @@ impl KafkaProducer {
     }
 
     /// Hands one record to librdkafka (which copies it). On a full queue the caller should
-    /// poll and try again.
+    /// poll and try again. `dead_letter` marks the dead-letter copy of a refused record: its
+    /// report says so.
     #[allow(clippy::too_many_arguments)]
     pub fn send(
         &self,
@@ -182,6 +226,7 @@ impl KafkaProducer {
         headers: &[(&str, &str)],
         timestamp_ms: i64,
         seq: TxnSeq,
+        dead_letter: bool,
     ) -> Result<(), Result<QueueFull, KafkaError>> {
         let mut h = OwnedHeaders::new_with_capacity(headers.len());
         for (k, v) in headers {
@@ -189,10 +234,10 @@ impl KafkaProducer {
         }
         if cfg!(feature = "ceiling_sink") {
             // The bench's ceiling: everything up to here, and an acknowledgement at once.
-            let _ = self.producer.context().reports.send(Report::Delivery { seq, error: None });
+            let _ = self.producer.context().reports.send(Report::Delivery { seq, dead_letter, error: None });
             return Ok(());
         }
-        let record = BaseRecord::with_opaque_to(topic, seq as usize)
+        let record = BaseRecord::with_opaque_to(topic, pack_opaque(seq, dead_letter))
             .key(key)
             .payload(payload)
             .timestamp(timestamp_ms)
@@ -245,5 +290,13 @@ mod tests {
         assert!(is_secret_key("ssl.key.pem"));
         assert!(is_secret_key("sasl.oauthbearer.config"));
         assert!(!is_secret_key("linger.ms"));
+    }
+
+    #[test]
+    fn the_dead_letter_bit_round_trips() {
+        for seq in [0, 1, 12345, (1 << 62) + 7] {
+            assert_eq!(unpack_opaque(pack_opaque(seq, false)), (seq, false));
+            assert_eq!(unpack_opaque(pack_opaque(seq, true)), (seq, true));
+        }
     }
 }

@@ -12,7 +12,7 @@
 //! failure that no retry can fix (see `produce::is_permanent`) stops the relay at that event
 //! instead (`delivery_error`) until an operator calls `outbox.resume()` or reloads.
 
-use super::decode::{EventRouter, Opener, Routing, ACK_STALL};
+use super::decode::{EventRouter, Opener, Refused, Routing, ACK_STALL};
 use super::key;
 use super::produce::KafkaProducer;
 use super::signals::{shutdown_requested, sleep, take_reload};
@@ -101,6 +101,8 @@ struct Relay {
     opener: Opener,
     settings: RelaySettings,
     router: Option<EventRouter>,
+    /// Kept from one router to the next across a rewind (see `Refused`).
+    refused: Refused,
     session: Option<DecodingSession>,
     backoff: Duration,
     last_confirm: Instant,
@@ -121,6 +123,7 @@ impl Relay {
             opener: Opener::new(key.map(|k| k.record_key())),
             settings: RelaySettings::read(),
             router: None,
+            refused: Refused::default(),
             session: None,
             backoff: BACKOFF_MIN,
             last_confirm: Instant::now(),
@@ -197,6 +200,7 @@ impl Relay {
                 self.rewind();
                 continue;
             }
+            self.store_dead_letters();
             self.publish_progress();
             let idle = decoded == 0;
             if idle || self.last_confirm.elapsed() >= CONFIRM_INTERVAL {
@@ -285,6 +289,9 @@ impl Relay {
         }
         log!("outbox_ext relay: configuration reloaded");
         let rebuild = new.kafka_changed(&self.settings) || new.topic_template != self.settings.topic_template;
+        if let Some(router) = self.router.as_mut() {
+            router.policy = new.dead_letters.clone();
+        }
         self.settings = new;
         if rebuild {
             self.drain(SHUTDOWN_FLUSH);
@@ -311,7 +318,9 @@ impl Relay {
         };
         match KafkaProducer::new(&config) {
             Ok(p) => {
-                self.router = Some(EventRouter::new(p, self.settings.topic_template.clone()));
+                let mut router = EventRouter::new(p, self.settings.topic_template.clone(), self.settings.dead_letters.clone());
+                router.refused = std::mem::take(&mut self.refused);
+                self.router = Some(router);
                 self.status.set_state(RelayState::Streaming);
                 true
             }
@@ -334,6 +343,7 @@ impl Relay {
         let status = &mut self.status;
         router.tracker.take_completed(|commit_time| status.record_ack_latency(now - commit_time));
         self.status.add_delivered(delivered);
+        self.status.add_dead_lettered(router.take_dead_lettered());
         let stalled = router.tracker.in_flight() > 0 && router.last_ack.elapsed() > ACK_STALL;
         let broker_error = router.broker_trouble && router.last_ack.elapsed() < BROKER_ERROR_MEMORY;
         if stalled || broker_error {
@@ -346,6 +356,33 @@ impl Relay {
         } else {
             router.broker_trouble = false;
             self.status.set_state(RelayState::Streaming);
+        }
+    }
+
+    /// Writes the events that the dead-letter topic refused too into `outbox.dead_letter`, and
+    /// only then counts them as set aside. If the table cannot take them, the relay stops at
+    /// the first (as `on_permanent_error = stop` would).
+    fn store_dead_letters(&mut self) {
+        let Some(router) = self.router.as_mut() else { return };
+        if router.to_table.is_empty() {
+            return;
+        }
+        let rows = std::mem::take(&mut router.to_table);
+        match crate::dead_letter::store(&rows) {
+            Ok(()) => router.stored_in_table(rows.iter().map(|r| r.seq)),
+            Err(e) => {
+                let first = &rows[0];
+                let id = outbox_core::dead_letter::EventFields::of_record(&first.record.headers).map_or("?", |f| f.id);
+                router.fail_permanently(
+                    rows.iter().map(|r| r.seq),
+                    format!(
+                        "event {id} to topic {}: {}; the dead-letter topic refused it too ({}), and it could not be stored: {e}",
+                        first.refusal.topic,
+                        first.refusal.message,
+                        first.dead_letter_error.as_deref().unwrap_or("?"),
+                    ),
+                );
+            }
         }
     }
 
@@ -380,7 +417,11 @@ impl Relay {
         router.producer.purge();
         self.drain(Duration::from_secs(2));
         self.confirm();
-        let permanent = self.router.take().and_then(|r| r.permanent);
+        let router = self.router.take().expect("taken only here");
+        let permanent = router.permanent;
+        // Records refused for good before the producer went down (with the gapless guarantee,
+        // such a refusal makes the producer fatal): the next router sets them aside at once.
+        self.refused = router.refused;
         self.session = None;
         if let Some(failure) = permanent {
             self.stop_on(&failure);

@@ -125,14 +125,22 @@ impl Collector {
     }
 
     /// Consumes until `done(records)` holds; panics after `timeout` with what was seen.
-    pub fn until(&mut self, what: &str, timeout: Duration, mut done: impl FnMut(&[Record]) -> bool) {
+    pub fn until(&mut self, what: &str, timeout: Duration, done: impl FnMut(&[Record]) -> bool) {
+        if !self.try_until(timeout, done) {
+            panic!("timed out after {timeout:?} waiting for {what}; consumed {} records", self.records.len());
+        }
+    }
+
+    /// Consumes until `done(records)` holds (true) or `timeout` passed (false).
+    pub fn try_until(&mut self, timeout: Duration, mut done: impl FnMut(&[Record]) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         while !done(&self.records) {
             if Instant::now() >= deadline {
-                panic!("timed out after {timeout:?} waiting for {what}; consumed {} records", self.records.len());
+                return false;
             }
             self.poll_once(Duration::from_millis(100));
         }
+        true
     }
 
     /// Consumes until `n` records with header `type == event_type` (or any, for None) arrived.
@@ -165,6 +173,18 @@ impl Collector {
             scanned = records.len();
             seen.len() == want.len()
         });
+    }
+
+    /// Per partition of `topic` (`partitions` of them): records consumed, the highest offset
+    /// consumed, and the broker's high watermark. For failure messages.
+    pub fn progress(&self, topic: &str, partitions: i32) -> Vec<(i32, usize, i64, i64)> {
+        (0..partitions)
+            .map(|p| {
+                let mine: Vec<&Record> = self.records.iter().filter(|r| r.topic == topic && r.partition == p).collect();
+                let high = self.consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).map_or(-1, |(_, h)| h);
+                (p, mine.len(), mine.iter().map(|r| r.offset).max().unwrap_or(-1), high)
+            })
+            .collect()
     }
 
     /// Records whose `id` header equals `id`.

@@ -9,6 +9,8 @@
 //!   with the OID of this installation's `outbox.emit` function. `emit` runs as its caller,
 //!   takes the key from there, and uses it only if that OID is its own: after `DROP EXTENSION`
 //!   and `CREATE EXTENSION`, no event is ever sealed with the previous installation's key.
+//!   Until the relay has published it after a restart, `emit` reads the relay's copy (below)
+//!   under the same rule, so writers do not wait for the relay to start.
 //! * The relay also keeps a copy in the data directory (`pg_outbox_ext/<slot>.key`, readable by
 //!   the server's OS user only). After `DROP EXTENSION` the table is gone, but events committed
 //!   before the drop still wait to be delivered under the old key, also across a restart.
@@ -67,21 +69,40 @@ thread_local! {
 /// database; an error if the relay has not published it (yet).
 pub fn for_emit(installation: u32) -> Result<RecordKey, OutboxError> {
     let shared = *KEY.share();
-    if shared.database != ffi::my_database_id() || shared.installation != installation {
-        return Err(OutboxError::KeyNotLoaded);
+    if shared.database == ffi::my_database_id() && shared.installation == installation {
+        return Ok(sealing_key(InstalledKey { installation, key: shared.key }));
     }
-    let published = InstalledKey { installation: shared.installation, key: shared.key };
-    Ok(SEALING.with(|cell| {
+    // Not published: the server just started and the relay has not yet (or runs in single-user
+    // mode, where no relay runs). The relay's copy is as good if it is this installation's: the
+    // relay writes it before it makes the slot and keeps it while the slot holds this
+    // installation's events. (The caller checked that the slot is in this database.) An
+    // installation's key never changes, so the one this backend sealed with last serves too.
+    // The key stays inside this process.
+    let cached = SEALING.with(|cell| {
+        cell.borrow().as_ref().filter(|(k, _)| k.installation == installation).map(|(_, r)| r.clone())
+    });
+    if let Some(record_key) = cached {
+        return Ok(record_key);
+    }
+    match KeyFile::for_slot(&crate::gucs::slot_name()).read() {
+        Some(copy) if copy.installation == installation => Ok(sealing_key(copy)),
+        _ => Err(OutboxError::KeyNotLoaded),
+    }
+}
+
+/// `key`'s HMAC state, computed once per backend and key.
+fn sealing_key(key: InstalledKey) -> RecordKey {
+    SEALING.with(|cell| {
         let mut cached = cell.borrow_mut();
         match &*cached {
-            Some((k, record_key)) if *k == published => record_key.clone(),
+            Some((k, record_key)) if *k == key => record_key.clone(),
             _ => {
-                let record_key = published.record_key();
-                *cached = Some((published, record_key.clone()));
+                let record_key = key.record_key();
+                *cached = Some((key, record_key.clone()));
                 record_key
             }
         }
-    }))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -116,22 +137,22 @@ pub enum TableKey {
 /// Reads the current installation's key (the relay runs as a superuser, so row-level security
 /// does not hide the row from it).
 pub fn read_table() -> TableKey {
-    let read = BackgroundWorker::transaction(|| -> Result<TableKey, pgrx::spi::Error> {
-        let installation = Spi::get_one::<pg_sys::Oid>(&format!(
-            "SELECT to_regprocedure('{EMIT_SIGNATURE}')::oid"
-        ))?;
-        let Some(installation) = installation else { return Ok(TableKey::NotInstalled) };
-        let has_table = Spi::get_one::<bool>("SELECT to_regclass('outbox.relay_key') IS NOT NULL")?;
-        if has_table != Some(true) {
-            return Ok(TableKey::UpdateRequired);
-        }
-        let key = Spi::get_one::<Vec<u8>>("SELECT key FROM outbox.relay_key")?;
-        Ok(match key.as_deref().and_then(|k| <[u8; KEY_LEN]>::try_from(k).ok()) {
-            Some(key) => TableKey::Ready(InstalledKey { installation: installation.to_u32(), key }),
-            None => TableKey::Missing,
-        })
-    });
-    read.unwrap_or_else(|e| error!("outbox_ext: could not read the record key: {e}"))
+    BackgroundWorker::transaction(read_in_transaction)
+        .unwrap_or_else(|e| error!("outbox_ext: could not read the record key: {e}"))
+}
+
+/// [`read_table`] in the current transaction.
+fn read_in_transaction() -> Result<TableKey, pgrx::spi::Error> {
+    let Some(installation) = installation_in_transaction() else { return Ok(TableKey::NotInstalled) };
+    let has_table = Spi::get_one::<bool>("SELECT to_regclass('outbox.relay_key') IS NOT NULL")?;
+    if has_table != Some(true) {
+        return Ok(TableKey::UpdateRequired);
+    }
+    let key = Spi::get_one::<Vec<u8>>("SELECT key FROM outbox.relay_key")?;
+    Ok(match key.as_deref().and_then(|k| <[u8; KEY_LEN]>::try_from(k).ok()) {
+        Some(key) => TableKey::Ready(InstalledKey { installation, key }),
+        None => TableKey::Missing,
+    })
 }
 
 /// The installation whose emit function exists now, if any (a cheap check for the relay's idle

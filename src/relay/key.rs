@@ -74,6 +74,16 @@ fn wait_for_table_key(status: &mut StatusWriter) -> Result<Option<InstalledKey>,
     }
 }
 
+/// A new slot is about to be made: it will hold only the current installation's events, so its
+/// key is the one to keep and to let `emit` use, from the moment the slot exists (an
+/// application that waits for `confirmed_lsn` in `outbox.status()` can emit at once).
+pub fn before_new_slot(slot: &str) {
+    if let TableKey::Ready(current) = record_key::read_table() {
+        KeyFile::for_slot(slot).write(&current);
+        record_key::publish(&current);
+    }
+}
+
 /// Takes the current installation's key once everything sealed with the previous one has been
 /// delivered: keeps the copy, then lets `emit` seal with it.
 pub fn switch_to_current(slot: &str) -> Option<InstalledKey> {

@@ -93,6 +93,7 @@ pub fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> bool {
             None => {
                 log!("outbox_ext relay: creating logical replication slot \"{slot}\"");
                 status.set_state(RelayState::Starting);
+                super::key::before_new_slot(slot);
                 ffi::create_slot(slot);
                 BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
                 record(slot);

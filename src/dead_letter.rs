@@ -14,7 +14,6 @@ use crate::emit;
 use crate::ffi::JsonbText;
 use crate::record_key;
 use outbox_core::dead_letter::{DeadLetter, EventFields};
-use outbox_core::event::EmitArgs;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 
@@ -69,13 +68,7 @@ fn redeliver_event(
     payload: Option<JsonbText>,
     headers: Option<JsonbText>,
 ) -> pgrx::Uuid {
-    let args = EmitArgs {
-        aggregatetype,
-        aggregateid,
-        event_type,
-        payload: payload.as_ref().map(|p| p.0.as_str()),
-        headers: headers.as_ref().map(|h| h.0.as_str()),
-    };
+    let args = emit::sql_args(aggregatetype, aggregateid, event_type, &payload, &headers);
     let installation = record_key::installation_in_transaction()
         .unwrap_or_else(|| error!("outbox_ext: function outbox.emit does not exist"));
     let id: [u8; 16] = *id.as_bytes();

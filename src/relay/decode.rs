@@ -125,23 +125,24 @@ impl DecodeSink for Routing<'_> {
     }
 }
 
-/// Events Kafka refused for good, with why: remembered across a rewind, so that an event whose
-/// refusal made the producer fatal (the gapless guarantee) is set aside when decoded again,
-/// instead of being refused, and the producer rebuilt, forever. An event is known by its
-/// transaction's end LSN and its id: a redelivered event (same id, new transaction) is tried
-/// afresh. Holds the newest [`Refused::CAPACITY`].
+/// Events Kafka refused for good, with why (and why the dead-letter topic refused them too, if
+/// it did): remembered across a rewind, so that an event whose refusal made the producer fatal
+/// (the gapless guarantee) goes where it was going when decoded again, instead of being
+/// refused, and the producer rebuilt, forever. An event is known by its transaction's end LSN
+/// and its id: a redelivered event (same id, new transaction) is tried afresh. Holds the newest
+/// [`Refused::CAPACITY`].
 #[derive(Default)]
 pub struct Refused {
-    by_event: HashMap<(u64, String), Refusal>,
+    by_event: HashMap<(u64, String), (Refusal, Option<String>)>,
     order: VecDeque<(u64, String)>,
 }
 
 impl Refused {
     const CAPACITY: usize = 100_000;
 
-    fn insert(&mut self, end_lsn: u64, id: &str, refusal: Refusal) {
+    fn insert(&mut self, end_lsn: u64, id: &str, refusal: Refusal, dead_letter_error: Option<String>) {
         let key = (end_lsn, id.to_string());
-        if self.by_event.insert(key.clone(), refusal).is_none() {
+        if self.by_event.insert(key.clone(), (refusal, dead_letter_error)).is_none() {
             self.order.push_back(key);
             if self.order.len() > Self::CAPACITY {
                 let oldest = self.order.pop_front().expect("not empty");
@@ -150,7 +151,7 @@ impl Refused {
         }
     }
 
-    fn get(&self, end_lsn: u64, id: &str) -> Option<&Refusal> {
+    fn get(&self, end_lsn: u64, id: &str) -> Option<&(Refusal, Option<String>)> {
         if self.by_event.is_empty() {
             return None;
         }
@@ -259,7 +260,7 @@ impl EventRouter {
                             self.warn_set_aside(&failure.message);
                             let fields = dl::EventFields::of_record(&record.headers);
                             if let (Some(f), Some(end_lsn)) = (fields, self.tracker.end_lsn_of(seq)) {
-                                self.refused.insert(end_lsn, f.id, failure.refusal.clone());
+                                self.refused.insert(end_lsn, f.id, failure.refusal.clone(), None);
                             }
                             self.to_topic.push_back(DeadLetter {
                                 seq,
@@ -276,8 +277,7 @@ impl EventRouter {
                 }
                 Report::Delivery { seq, dead_letter: true, error: Some(failure) } => match failure.record {
                     Some(record) if failure.permanent => {
-                        self.warn_to_table(&failure.message);
-                        self.to_table.push(DeadLetter::refused_again(seq, record, failure.refusal.message))
+                        self.store_in_table(DeadLetter::refused_again(seq, record, failure.refusal.message), &failure.message)
                     }
                     record => {
                         // Not refused for good (a timeout, a disconnect): the rewind retries
@@ -348,8 +348,8 @@ impl EventRouter {
                     let id = dl::EventFields::of_record(&dead.record.headers).map_or("?", |f| f.id).to_string();
                     let failure = Failure::of(&id, &self.policy.topic, &e);
                     if failure.permanent {
-                        self.warn_to_table(&failure.message);
-                        self.to_table.push(DeadLetter { dead_letter_error: Some(failure.refusal.message), ..dead });
+                        let dead = DeadLetter { dead_letter_error: Some(failure.refusal.message.clone()), ..dead };
+                        self.store_in_table(dead, &failure.message);
                     } else {
                         self.tracker.delivered(dead.seq, false);
                         self.fail(failure);
@@ -364,8 +364,15 @@ impl EventRouter {
         self.dead_letter_warnings.warn(|| format!("{failure}; setting the event aside in dead-letter topic {topic}"));
     }
 
-    fn warn_to_table(&mut self, failure: &str) {
+    /// The dead-letter topic refused `dead` too (`failure`): on to the table, which the worker
+    /// writes. Remembered, so that a rewind before it is stored sends it there directly.
+    fn store_in_table(&mut self, dead: DeadLetter, failure: &str) {
         self.dead_letter_warnings.warn(|| format!("{failure}; storing the event in table outbox.dead_letter"));
+        let fields = dl::EventFields::of_record(&dead.record.headers);
+        if let (Some(f), Some(end_lsn)) = (fields, self.tracker.end_lsn_of(dead.seq)) {
+            self.refused.insert(end_lsn, f.id, dead.refusal.clone(), dead.dead_letter_error.clone());
+        }
+        self.to_table.push(dead);
     }
 
     /// The dead letters `seqs` could not be stored anywhere: the relay stops at them.
@@ -397,8 +404,12 @@ impl EventRouter {
         let seq = self.tracker.add_event(txn.end_lsn, txn.commit_time);
         let topic = self.topic(ev.aggregatetype).to_string();
         if self.set_aside_permanently() {
-            if let Some(refusal) = self.refused.get(txn.end_lsn, &id).cloned() {
-                self.set_aside(seq, record_of(topic, ev, &headers, timestamp), refusal);
+            if let Some((refusal, dead_letter_error)) = self.refused.get(txn.end_lsn, &id).cloned() {
+                let record = record_of(topic, ev, &headers, timestamp);
+                match dead_letter_error {
+                    None => self.set_aside(seq, record, refusal),
+                    Some(_) => self.to_table.push(DeadLetter { seq, record, refusal, dead_letter_error }),
+                }
                 return;
             }
         }

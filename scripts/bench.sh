@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make bench`: writer overhead, drain rate and its ceiling, latency and worker memory, in one run
+# `make bench`: writer overhead, drain rate and its ceiling, latency, worker memory, and what
+# authenticating records costs emit, in one run
 # against a scratch cluster of PostgreSQL $PG (default 15; `make bench PG=18`) and the local dev
 # broker. Prints a table and writes it to bench/results/. Not part of `make test`. About 10
 # minutes after the build.
@@ -64,16 +65,17 @@ idle_mem=$(anon_mb)
 # the relay decodes all WAL and produces every event to the dev broker, which runs on the same
 # 2 cores: the whole system on one small machine.
 declare -A TPS RUN_TPS
-declare -A ROUNDS_OF=([paused]=$ROUNDS [streaming]=$STREAMING_ROUNDS)
+declare -A ROUNDS_OF=([paused]=$ROUNDS [streaming]=$STREAMING_ROUNDS [unsealed]=$ROUNDS)
 SCRIPTS=(business_only table_outbox table_outbox_insert_delete raw_logical_message emit emit_literal)
 # Every round runs each script once, back to back, so that the ratios taken within a round
 # compare runs seconds apart; the report gives the median of those per-round ratios.
-writer_round() { # mode
-    local rounds=${ROUNDS_OF[$1]}
+writer_round() { # mode [scripts...] (default: all of SCRIPTS)
+    local rounds=${ROUNDS_OF[$1]} scripts=("${@:2}")
+    [ ${#scripts[@]} -gt 0 ] || scripts=("${SCRIPTS[@]}")
     for sync in on off; do
         set_conf synchronous_commit "$sync"
         for round in $(seq "$rounds"); do
-            for s in "${SCRIPTS[@]}"; do
+            for s in "${scripts[@]}"; do
                 sql "CHECKPOINT"
                 t=$(pgb -c 4 -j 2 -T "$SECONDS_PER_RUN" -f "$DIR/$s.sql" | awk '/^tps/ {print $3}')
                 RUN_TPS[$1,$sync,$round,$s]=$t
@@ -131,12 +133,13 @@ drain() {
     printf "    %s: emitted in %.1f s, WAL backlog %s bytes; drained in %.2f s = %.0f events/s\n" \
         "$label" "$emit_secs" "$backlog_bytes" "${DRAIN_SECS[$label]}" "${DRAIN_RATE[$label]}"
 }
-# restart_with [FEATURES]: stops the cluster, installs the release build (with FEATURES), starts.
+# restart_with [FEATURES [STATE]]: stops the cluster, installs the release build (with
+# FEATURES), starts, and waits for the relay's STATE (default streaming).
 restart_with() {
     as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null
     install_extension --release ${1:+--features "$1"} >"$DIR/install.log" 2>&1 || { cat "$DIR/install.log"; exit 1; }
     as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
-    wait_state streaming
+    wait_state "${2:-streaming}"
 }
 echo "==> drain: $BACKLOG events of ~200 bytes over 1000 keys, emitted with the relay unconfigured"
 drain kafka
@@ -198,6 +201,19 @@ streaming_mem=${MEM[10000]}
 echo "==> drain ceiling: the same with Kafka replaced by a sink that acknowledges at once"
 restart_with ceiling_sink
 drain ceiling
+
+# ---------------------------------------------------------------- 6. what authentication costs
+# emit_literal against raw_logical_message with the relay paused, as in section 1, with emit
+# built with feature unsealed_emit: the same validation and checks, the record written without
+# its key lookup and tag, as before records were authenticated. The relay is paused at a
+# sealed event emitted before the restart, so it decodes nothing during the runs.
+echo "==> authentication cost: emit built without sealing (unsealed_emit), relay paused"
+set_conf outbox.bootstrap_servers ''
+wait_state unconfigured
+sql "SELECT outbox.emit('order', 'pause', 'Pause', '{}')" >/dev/null
+restart_with unsealed_emit unconfigured
+writer_round unsealed raw_logical_message emit_literal
+set_conf outbox.bootstrap_servers "$BOOTSTRAP"
 restart_with
 
 # ---------------------------------------------------------------- report
@@ -240,6 +256,15 @@ target_row "emit ÷ raw_logical_message" emit raw_logical_message
 target_row "emit ÷ table_outbox (≥ 1.20 sync off)" emit table_outbox
 target_row "emit ÷ table_outbox_insert_delete" emit table_outbox_insert_delete
 target_row "raw_logical_message ÷ table_outbox (the floor of any WAL-message outbox)" raw_logical_message table_outbox
+echo
+echo "What authenticating records costs (section 6): emit_literal ÷ raw_logical_message, relay paused, median of the per-round ratios, with emit as released (sealed: key lookup and HMAC-SHA256 tag) and built with \`unsealed_emit\` (as before authentication):"
+echo
+printf "| emit | sync on | sync off |\n|---|---|---|\n"
+printf "| sealed (section 1) | %s | %s |\n" "$(round_ratios paused on emit_literal raw_logical_message)" "$(round_ratios paused off emit_literal raw_logical_message)"
+printf "| unsealed | %s | %s |\n" "$(round_ratios unsealed on emit_literal raw_logical_message)" "$(round_ratios unsealed off emit_literal raw_logical_message)"
+printf "| sealed ÷ unsealed (mean tps ratios) | %.3f | %.3f |\n" \
+    "$(echo "$(ratio paused on emit_literal raw_logical_message) / $(ratio unsealed on emit_literal raw_logical_message)" | bc -l)" \
+    "$(echo "$(ratio paused off emit_literal raw_logical_message) / $(ratio unsealed off emit_literal raw_logical_message)" | bc -l)"
 echo
 echo "## 2. Drain rate"
 echo

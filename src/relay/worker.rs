@@ -50,6 +50,9 @@ pub fn relay_main() {
     if cfg!(feature = "ceiling_sink") {
         warning!("outbox_ext was built with feature ceiling_sink, for benchmarks: events are acknowledged without being sent to Kafka");
     }
+    if cfg!(feature = "unsealed_emit") {
+        warning!("outbox_ext was built with feature unsealed_emit, for benchmarks: emit writes events the relay skips");
+    }
 
     while slot::wait_for_slot(&slot, &mut status) {
         let Ok(key) = key::starting_key(&slot, &mut status) else { break };

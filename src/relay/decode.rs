@@ -255,6 +255,7 @@ impl EventRouter {
                     self.record(p);
                 }
                 Report::Delivery { seq, dead_letter: false, error: Some(failure) } => {
+                    let failure = *failure;
                     match (self.set_aside_permanently(), failure.record) {
                         (true, Some(record)) if failure.permanent => {
                             self.warn_set_aside(&failure.message);
@@ -275,17 +276,20 @@ impl EventRouter {
                         }
                     }
                 }
-                Report::Delivery { seq, dead_letter: true, error: Some(failure) } => match failure.record {
-                    Some(record) if failure.permanent => {
-                        self.store_in_table(DeadLetter::refused_again(seq, record, failure.refusal.message), &failure.message)
+                Report::Delivery { seq, dead_letter: true, error: Some(failure) } => {
+                    let failure = *failure;
+                    match failure.record {
+                        Some(record) if failure.permanent => {
+                            self.store_in_table(DeadLetter::refused_again(seq, record, failure.refusal.message), &failure.message)
+                        }
+                        record => {
+                            // Not refused for good (a timeout, a disconnect): the rewind retries
+                            // the event from its own topic.
+                            self.tracker.delivered(seq, false);
+                            self.fail(Failure { record, ..failure });
+                        }
                     }
-                    record => {
-                        // Not refused for good (a timeout, a disconnect): the rewind retries
-                        // the event from its own topic.
-                        self.tracker.delivered(seq, false);
-                        self.fail(Failure { record, ..failure });
-                    }
-                },
+                }
                 Report::Client { message } => {
                     self.last_error = Some(message);
                     self.broker_trouble = true;

@@ -17,7 +17,8 @@ use std::time::Duration;
 pub enum Report {
     /// The record registered under `seq` was acknowledged (`error` is None) or failed.
     /// `dead_letter`: it was the dead-letter copy of a refused record (see [`KafkaProducer::send`]).
-    Delivery { seq: TxnSeq, dead_letter: bool, error: Option<Failure> },
+    /// Boxed: a poll can queue tens of thousands of reports, nearly all without an error.
+    Delivery { seq: TxnSeq, dead_letter: bool, error: Option<Box<Failure>> },
     /// A client-level error (all brokers down, authentication, fatal idempotence error).
     Client { message: String },
 }
@@ -82,7 +83,7 @@ impl ProducerContext for RelayContext {
                     // Kept only for records no retry can deliver: the dead-letter path needs them.
                     failure.record = Some(record_of(m));
                 }
-                Some(failure)
+                Some(Box::new(failure))
             }
         };
         let (seq, dead_letter) = unpack_opaque(opaque);
@@ -290,6 +291,11 @@ mod tests {
         assert!(is_secret_key("ssl.key.pem"));
         assert!(is_secret_key("sasl.oauthbearer.config"));
         assert!(!is_secret_key("linger.ms"));
+    }
+
+    #[test]
+    fn reports_stay_small() {
+        assert!(std::mem::size_of::<Report>() <= 32, "{}", std::mem::size_of::<Report>());
     }
 
     #[test]

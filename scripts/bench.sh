@@ -130,8 +130,8 @@ drain() {
     DRAIN_RATE[$label]=$(echo "$BACKLOG / ${DRAIN_SECS[$label]}" | bc -l)
     DRAIN_PEAK[$label]=$peak
     DRAIN_WAL[$label]=$backlog_bytes
-    printf "    %s: emitted in %.1f s, WAL backlog %s bytes; drained in %.2f s = %.0f events/s\n" \
-        "$label" "$emit_secs" "$backlog_bytes" "${DRAIN_SECS[$label]}" "${DRAIN_RATE[$label]}"
+    printf "    %s: emitted in %.1f s, WAL backlog %s bytes; drained in %.2f s = %.0f events/s; peak RssAnon %.1f MB\n" \
+        "$label" "$emit_secs" "$backlog_bytes" "${DRAIN_SECS[$label]}" "${DRAIN_RATE[$label]}" "$peak"
 }
 # restart_with [FEATURES [STATE]]: stops the cluster, installs the release build (with
 # FEATURES), starts, and waits for the relay's STATE (default streaming).

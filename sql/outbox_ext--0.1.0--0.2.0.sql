@@ -32,6 +32,7 @@ CREATE FUNCTION status(
     OUT worker_pid int,
     OUT state text,
     OUT slot_name text,
+    OUT slot_failover boolean,
     OUT confirmed_lsn pg_lsn,
     OUT pending_bytes bigint,
     OUT events_delivered bigint,
@@ -47,6 +48,8 @@ AS $$
     SELECT r.worker_pid,
            r.state,
            current_setting('outbox.slot_name'),
+           -- pg_replication_slots.failover exists from 17 on; 15 and 16 have no failover slots.
+           CASE WHEN s.slot_name IS NOT NULL THEN coalesce((to_jsonb(s) ->> 'failover')::boolean, false) END,
            s.confirmed_flush_lsn,
            CASE WHEN s.confirmed_flush_lsn IS NOT NULL AND NOT pg_is_in_recovery()
                 THEN greatest(pg_wal_lsn_diff(pg_current_wal_flush_lsn(), s.confirmed_flush_lsn), 0)::bigint

@@ -21,6 +21,7 @@ static KAFKA_PROPERTIES_GUC: GucSetting<Option<CString>> = GucSetting::<Option<C
 static MAX_PAYLOAD_BYTES_GUC: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 static MAX_RECORD_BYTES_GUC: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 static MAX_PENDING_MB_GUC: GucSetting<i32> = GucSetting::<i32>::new(0);
+static FAILOVER_SLOT_GUC: GucSetting<bool> = GucSetting::<bool>::new(true);
 static ON_PERMANENT_ERROR_GUC: GucSetting<PermanentErrorSetting> =
     GucSetting::<PermanentErrorSetting>::new(PermanentErrorSetting::Stop);
 static DEAD_LETTER_TOPIC_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"outbox.dead_letter"));
@@ -109,6 +110,14 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MB,
     );
+    GucRegistry::define_bool_guc(
+        c"outbox.failover_slot",
+        c"The relay makes its slot a failover slot, which standbys with sync_replication_slots copy (PostgreSQL 17 and later).",
+        c"Applies when the relay makes its slot. Ignored on PostgreSQL 15 and 16, which have no failover slots.",
+        &FAILOVER_SLOT_GUC,
+        GucContext::Postmaster,
+        GucFlags::empty(),
+    );
     GucRegistry::define_enum_guc(
         c"outbox.on_permanent_error",
         c"What the relay does with an event Kafka refuses for good: stop (until outbox.resume()) or dead_letter.",
@@ -177,4 +186,9 @@ pub fn on_permanent_error() -> OnPermanentError {
 
 pub fn dead_letter_topic() -> String {
     string(&DEAD_LETTER_TOPIC_GUC).trim().to_string()
+}
+
+/// Whether the relay makes its slot a failover slot (17 and later).
+pub fn failover_slot() -> bool {
+    FAILOVER_SLOT_GUC.get()
 }

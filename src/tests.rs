@@ -152,6 +152,7 @@ mod tests {
             ("outbox.max_record_bytes", "sighup", "1000000"),
             ("outbox.max_pending_bytes", "sighup", "0"),
             ("outbox.on_permanent_error", "sighup", "stop"),
+            ("outbox.failover_slot", "postmaster", "on"),
             ("outbox.dead_letter_topic", "sighup", "outbox.dead_letter"),
         ];
         for (name, context, setting) in rows {

@@ -60,19 +60,27 @@ pub unsafe fn log_transactional_message(prefix: &CStr, body: &[u8]) -> pg_sys::X
     }
 }
 
-/// Creates a database-specific logical slot `name` (without two-phase decoding, not a failover
-/// slot) and makes it this process's `MyReplicationSlot`.
+/// Creates a database-specific logical slot `name` (without two-phase decoding) and makes it
+/// this process's `MyReplicationSlot`. `failover`: a failover slot, which standbys with
+/// `sync_replication_slots` copy (17 and later; ignored on 15 and 16, which have none).
 ///
 /// # Safety
 /// As `ReplicationSlotCreate`: outside a transaction, holding no slot, with a resource owner.
-pub unsafe fn replication_slot_create(name: &CStr, persistency: pg_sys::ReplicationSlotPersistency::Type) {
+pub unsafe fn replication_slot_create(
+    name: &CStr,
+    persistency: pg_sys::ReplicationSlotPersistency::Type,
+    failover: bool,
+) {
     // SAFETY: the caller upholds ReplicationSlotCreate's contract; `name` is NUL-terminated and
     // copied into the slot.
     unsafe {
         #[cfg(any(feature = "pg15", feature = "pg16"))]
-        pg_sys::ReplicationSlotCreate(name.as_ptr(), true, persistency, false);
+        {
+            let _ = failover;
+            pg_sys::ReplicationSlotCreate(name.as_ptr(), true, persistency, false);
+        }
         #[cfg(any(feature = "pg17", feature = "pg18"))]
-        pg_sys::ReplicationSlotCreate(name.as_ptr(), true, persistency, false, false, false);
+        pg_sys::ReplicationSlotCreate(name.as_ptr(), true, persistency, false, failover, false);
     }
 }
 

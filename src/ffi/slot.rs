@@ -77,7 +77,7 @@ pub fn slot_active_pid(name: &str) -> Option<i32> {
 /// prepared transaction, a long batch job): during the wait SIGTERM uses Postgres' own `die`
 /// handler, so that the wait's CHECK_FOR_INTERRUPTS ends the worker. The caller reinstalls its
 /// handlers afterwards.
-pub fn create_slot(name: &str) {
+pub fn create_slot(name: &str, failover: bool) {
     let cname = CString::new(name).expect("slot names have no NUL");
     // SAFETY: the worker holds no slot and is outside a transaction, as the walsender is for
     // CREATE_REPLICATION_SLOT. The slot is created ephemeral, so that an ERROR (or `die`)
@@ -87,7 +87,7 @@ pub fn create_slot(name: &str) {
         compat::set_signal_handler(pg_sys::SIGTERM as c_int, c_die);
         ensure_resource_owner();
         pg_sys::CheckLogicalDecodingRequirements();
-        compat::replication_slot_create(&cname, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL);
+        compat::replication_slot_create(&cname, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, failover);
         let mut routine = decoding::local_wal_routine();
         let ctx = pg_sys::CreateInitDecodingContext(
             c"outbox_ext".as_ptr(),

@@ -94,7 +94,7 @@ pub fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> bool {
                 log!("outbox_ext relay: creating logical replication slot \"{slot}\"");
                 status.set_state(RelayState::Starting);
                 super::key::before_new_slot(slot);
-                ffi::create_slot(slot);
+                ffi::create_slot(slot, crate::gucs::failover_slot());
                 BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
                 record(slot);
                 continue;

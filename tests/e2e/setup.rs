@@ -103,3 +103,24 @@ fn the_relay_decodes_whatever_output_plugin_libraries_allows() {
         assert!(err.contains("may not be used as an output plugin"), "{err}");
     }
 }
+
+/// On 17 and later the relay's slot is a failover slot (standbys with sync_replication_slots
+/// copy it), unless `outbox.failover_slot` is off; 15 and 16 have no failover slots.
+/// `outbox.status()` says which.
+#[test]
+fn the_slot_is_a_failover_slot_where_postgresql_has_them() {
+    let failover = |pg: &PgCluster| {
+        let catalog = pg.sql(
+            "SELECT coalesce((to_jsonb(s) ->> 'failover')::boolean, false) FROM pg_replication_slots s WHERE slot_name = 'outbox_ext'",
+        );
+        assert_eq!(pg.sql("SELECT slot_failover FROM outbox.status()"), catalog, "status() agrees with pg_replication_slots");
+        catalog
+    };
+    let has_failover_slots = pg_major() >= 17;
+    let pg = PgCluster::start(&[]);
+    assert_eq!(failover(&pg), if has_failover_slots { "t" } else { "f" });
+    if has_failover_slots {
+        let off = PgCluster::start(&[("outbox.failover_slot", "off")]);
+        assert_eq!(failover(&off), "f");
+    }
+}

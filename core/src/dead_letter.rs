@@ -63,6 +63,11 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// The event's id, from the record's `id` header ("?" for a record the relay did not make).
+    pub fn event_id(&self) -> &str {
+        EventFields::of_record(&self.record.headers).map_or("?", |f| f.id)
+    }
+
     /// The dead-letter copy (`copy`, made with [`dead_letter_headers`]) of an event was refused
     /// for good as well, with `why`: the original record and refusal again, for the table.
     pub fn refused_again(seq: u64, copy: Record, why: String) -> DeadLetter {

@@ -259,16 +259,9 @@ impl EventRouter {
                     match (self.set_aside_permanently(), failure.record) {
                         (true, Some(record)) if failure.permanent => {
                             self.warn_set_aside(&failure.message);
-                            let fields = dl::EventFields::of_record(&record.headers);
-                            if let (Some(f), Some(end_lsn)) = (fields, self.tracker.end_lsn_of(seq)) {
-                                self.refused.insert(end_lsn, f.id, failure.refusal.clone(), None);
-                            }
-                            self.to_topic.push_back(DeadLetter {
-                                seq,
-                                record,
-                                refusal: failure.refusal,
-                                dead_letter_error: None,
-                            });
+                            let dead = DeadLetter { seq, record, refusal: failure.refusal, dead_letter_error: None };
+                            self.remember(&dead);
+                            self.to_topic.push_back(dead);
                         }
                         (_, record) => {
                             self.tracker.delivered(seq, false);
@@ -349,8 +342,7 @@ impl EventRouter {
                 Err(Ok(QueueFull)) => return,
                 Err(Err(e)) => {
                     let dead = self.to_topic.pop_front().expect("front exists");
-                    let id = dl::EventFields::of_record(&dead.record.headers).map_or("?", |f| f.id).to_string();
-                    let failure = Failure::of(&id, &self.policy.topic, &e);
+                    let failure = Failure::of(dead.event_id(), &self.policy.topic, &e);
                     if failure.permanent {
                         let dead = DeadLetter { dead_letter_error: Some(failure.refusal.message.clone()), ..dead };
                         self.store_in_table(dead, &failure.message);
@@ -372,11 +364,15 @@ impl EventRouter {
     /// writes. Remembered, so that a rewind before it is stored sends it there directly.
     fn store_in_table(&mut self, dead: DeadLetter, failure: &str) {
         self.dead_letter_warnings.warn(|| format!("{failure}; storing the event in table outbox.dead_letter"));
-        let fields = dl::EventFields::of_record(&dead.record.headers);
-        if let (Some(f), Some(end_lsn)) = (fields, self.tracker.end_lsn_of(dead.seq)) {
-            self.refused.insert(end_lsn, f.id, dead.refusal.clone(), dead.dead_letter_error.clone());
-        }
+        self.remember(&dead);
         self.to_table.push(dead);
+    }
+
+    /// Remembers where `dead` is going, for the rewind that may come before it gets there.
+    fn remember(&mut self, dead: &DeadLetter) {
+        if let Some(end_lsn) = self.tracker.end_lsn_of(dead.seq) {
+            self.refused.insert(end_lsn, dead.event_id(), dead.refusal.clone(), dead.dead_letter_error.clone());
+        }
     }
 
     /// The dead letters `seqs` could not be stored anywhere: the relay stops at them.

@@ -27,8 +27,7 @@ pub fn starting_key(slot: &str, status: &mut StatusWriter) -> Result<Option<Inst
             Some(current)
         }
         (Some(current), None) => {
-            file.write(&current);
-            record_key::publish(&current);
+            adopt(slot, &current);
             Some(current)
         }
         (current, Some(copy)) => {
@@ -79,8 +78,7 @@ fn wait_for_table_key(status: &mut StatusWriter) -> Result<Option<InstalledKey>,
 /// application that waits for `confirmed_lsn` in `outbox.status()` can emit at once).
 pub fn before_new_slot(slot: &str) {
     if let TableKey::Ready(current) = record_key::read_table() {
-        KeyFile::for_slot(slot).write(&current);
-        record_key::publish(&current);
+        adopt(slot, &current);
     }
 }
 
@@ -89,13 +87,19 @@ pub fn before_new_slot(slot: &str) {
 pub fn switch_to_current(slot: &str) -> Option<InstalledKey> {
     match record_key::read_table() {
         TableKey::Ready(current) => {
-            KeyFile::for_slot(slot).write(&current);
-            record_key::publish(&current);
+            adopt(slot, &current);
             log!("outbox_ext relay: now opening records with the key of the installation of extension outbox_ext created since");
             Some(current)
         }
         _ => None,
     }
+}
+
+/// Makes `key` the one the relay keeps for `slot` and `emit` seals with: the copy first, so
+/// that `emit` never seals with a key the relay could lose.
+fn adopt(slot: &str, key: &InstalledKey) {
+    KeyFile::for_slot(slot).write(key);
+    record_key::publish(key);
 }
 
 /// The slot is gone: so is the reason to keep its key.

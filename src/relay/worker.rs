@@ -214,13 +214,9 @@ impl Relay {
                 let in_flight = self.router.as_ref().is_some_and(|r| r.tracker.in_flight() > 0);
                 if !in_flight {
                     let upto = self.session.as_ref().map_or(0, |s| s.decoded_upto());
-                    match self.retirement.due(upto, &mut self.status) {
-                        Due::DropSlot => {
-                            self.retire();
-                            return Exit::Retired;
-                        }
-                        Due::SwitchKey => self.switch_key(),
-                        Due::Nothing => {}
+                    if self.installation_gone(upto) {
+                        self.retire();
+                        return Exit::Retired;
                     }
                 }
                 // 1 ms naps keep latency low while events flow or await acknowledgement; after
@@ -264,15 +260,27 @@ impl Relay {
             let upto = session.decoded_upto();
             session.confirm(upto);
             if decoded == 0 {
-                match self.retirement.due(upto, &mut self.status) {
-                    Due::SwitchKey => self.switch_key(),
-                    Due::DropSlot => return Due::DropSlot,
-                    Due::Nothing => {}
+                if self.installation_gone(upto) {
+                    return Due::DropSlot;
                 }
                 sleep(Duration::from_millis(100));
             }
         }
         Due::Nothing
+    }
+
+    /// While idle, decoded and confirmed up to `upto`: follows a change of installation (see
+    /// `Retirement`), taking the new one's key when it is due. True if the extension is gone
+    /// and the slot must be dropped now.
+    fn installation_gone(&mut self, upto: u64) -> bool {
+        match self.retirement.due(upto, &mut self.status) {
+            Due::DropSlot => true,
+            Due::SwitchKey => {
+                self.switch_key();
+                false
+            }
+            Due::Nothing => false,
+        }
     }
 
     /// Every event of the previous installation was delivered: take the new one's key.
@@ -375,7 +383,7 @@ impl Relay {
             Ok(()) => router.stored_in_table(rows.iter().map(|r| r.seq)),
             Err(e) => {
                 let first = &rows[0];
-                let id = outbox_core::dead_letter::EventFields::of_record(&first.record.headers).map_or("?", |f| f.id);
+                let id = first.event_id();
                 router.fail_permanently(
                     rows.iter().map(|r| r.seq),
                     format!(

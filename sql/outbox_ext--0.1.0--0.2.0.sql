@@ -4,7 +4,9 @@
 -- * records are authenticated: the installation's key (relay_key, made here) and _new_key();
 -- * status() gains rejected_records and dead_lettered, from _relay_state(), which replaces
 --   _relay_status();
--- * dead letters: the table dead_letter, redeliver(), redeliver_all() and _redeliver_event().
+-- * dead letters: the table dead_letter, redeliver(), redeliver_all() and _redeliver_event();
+-- * relay_slot gains timeline (NULL for the slot 0.1.0 recorded), and reset_slot() drops a slot
+--   invalidated for any reason.
 --
 -- Until this has run, the 0.2.0 library refuses emit (55000) and the relay waits in state
 -- update_required: events of format 1, written by 0.1.0, are not relayed (drain before
@@ -152,3 +154,30 @@ $$;
 REVOKE ALL ON FUNCTION redeliver_all() FROM PUBLIC;
 COMMENT ON FUNCTION redeliver_all() IS
     'Sends every dead-lettered event again, in commit order, in the current transaction, and empties outbox.dead_letter; returns how many.';
+
+ALTER TABLE relay_slot ADD COLUMN timeline integer;
+ALTER TABLE relay_slot ALTER COLUMN timeline SET DEFAULT ('x' || left(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), 8))::bit(32)::integer;
+
+CREATE OR REPLACE FUNCTION reset_slot() RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    slot text := current_setting('outbox.slot_name');
+    relay_state text := (SELECT state FROM @extschema@.status());
+BEGIN
+    IF relay_state IS DISTINCT FROM 'slot_error' THEN
+        RAISE EXCEPTION 'outbox.reset_slot() only applies while the relay is in state slot_error (it is %)', relay_state
+            USING ERRCODE = '55000',
+                  HINT = 'It lets the relay make a new slot, which skips every event the old one had not delivered.';
+    END IF;
+    -- Invalidated: wal_status 'lost' (WAL removed), or, where the version has the columns,
+    -- conflicting (16) or an invalidation_reason (17 and later; idle_timeout in 18).
+    PERFORM pg_drop_replication_slot(s.slot_name)
+    FROM pg_replication_slots s
+    WHERE s.slot_name = slot AND s.plugin = 'outbox_ext' AND NOT s.active
+      AND (s.wal_status = 'lost' OR to_jsonb(s) ->> 'invalidation_reason' IS NOT NULL
+           OR coalesce((to_jsonb(s) ->> 'conflicting')::boolean, false));
+    DELETE FROM @extschema@.relay_slot WHERE slot_name = slot;
+END
+$$;

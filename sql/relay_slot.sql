@@ -1,7 +1,10 @@
 -- The relay's record of its slot, and outbox.reset_slot() (see src/relay/slot.rs).
 CREATE TABLE relay_slot (
     slot_name name PRIMARY KEY,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- The timeline the server was on when the relay recorded the slot: if the slot goes missing
+    -- on a higher one, the server was promoted since, and the relay says so.
+    timeline integer DEFAULT ('x' || left(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), 8))::bit(32)::integer
 );
 REVOKE ALL ON relay_slot FROM PUBLIC;
 COMMENT ON TABLE relay_slot IS
@@ -20,9 +23,13 @@ BEGIN
             USING ERRCODE = '55000',
                   HINT = 'It lets the relay make a new slot, which skips every event the old one had not delivered.';
     END IF;
+    -- Invalidated: wal_status 'lost' (WAL removed), or, where the version has the columns,
+    -- conflicting (16) or an invalidation_reason (17 and later; idle_timeout in 18).
     PERFORM pg_drop_replication_slot(s.slot_name)
     FROM pg_replication_slots s
-    WHERE s.slot_name = slot AND s.plugin = 'outbox_ext' AND NOT s.active AND s.wal_status = 'lost';
+    WHERE s.slot_name = slot AND s.plugin = 'outbox_ext' AND NOT s.active
+      AND (s.wal_status = 'lost' OR to_jsonb(s) ->> 'invalidation_reason' IS NOT NULL
+           OR coalesce((to_jsonb(s) ->> 'conflicting')::boolean, false));
     DELETE FROM @extschema@.relay_slot WHERE slot_name = slot;
 END
 $$;

@@ -192,3 +192,9 @@ pub fn dead_letter_topic() -> String {
 pub fn failover_slot() -> bool {
     FAILOVER_SLOT_GUC.get()
 }
+
+/// PostgreSQL's `synchronized_standby_slots` (17 and later; empty before): the physical slots
+/// of the standbys that must confirm WAL before the relay's failover slot may pass it on.
+pub fn synchronized_standby_slots() -> String {
+    crate::ffi::config_option("synchronized_standby_slots").unwrap_or_default()
+}

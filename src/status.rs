@@ -35,6 +35,10 @@ pub enum RelayState {
     /// The extension's SQL in the database is older than the library: `ALTER EXTENSION
     /// outbox_ext UPDATE` is due. Events wait; emit fails until then.
     UpdateRequired = 9,
+    /// Decoding waits for the standbys in `synchronized_standby_slots` to confirm WAL that
+    /// holds the next commits (17 and later): nothing is produced past what they flushed.
+    /// Delivery resumes by itself once they confirm.
+    WaitingForStandby = 10,
 }
 
 impl RelayState {
@@ -50,6 +54,7 @@ impl RelayState {
             RelayState::DeliveryError => "delivery_error",
             RelayState::NotInstalled => "not_installed",
             RelayState::UpdateRequired => "update_required",
+            RelayState::WaitingForStandby => "waiting_for_standby",
         }
     }
 
@@ -64,6 +69,7 @@ impl RelayState {
             7 => RelayState::DeliveryError,
             8 => RelayState::NotInstalled,
             9 => RelayState::UpdateRequired,
+            10 => RelayState::WaitingForStandby,
             _ => RelayState::Stopped,
         }
     }

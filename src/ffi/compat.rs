@@ -7,6 +7,7 @@
 //! | `LogLogicalMessage`         | 4 arguments        | 4                   | adds `flush`       | as 17                 |
 //! | `ReplicationSlotCreate`     | 4 arguments        | 4                   | adds `failover`, `synced` | as 17          |
 //! | `ReplicationSlotAcquire`    | 2 arguments        | 2                   | 2                  | adds `error_if_invalid` |
+//! | `synchronized_standby_slots`, `StandbySlotsHaveCaughtup` | none | none   | exported           | as 17                 |
 //! | slot invalidation           | `invalidated_at` LSN | `invalidated` cause | as 16            | as 16                 |
 //! | `pqsignal` (backend)        | function           | function            | function           | macro for `pqsignal_be` |
 //! | `proc_exit` binding         | returns `!`        | returns `!`         | returns `!`        | returns `()` (`pg_noreturn`) |
@@ -85,8 +86,12 @@ pub unsafe fn replication_slot_create(
 }
 
 /// Makes this process the owner of slot `name`, or raises an ERROR. An invalidated slot is
-/// acquired like any other on every version (PostgreSQL 18's `error_if_invalid` is off): the
-/// relay checks for invalidation itself, and decoding from such a slot raises an ERROR anyway.
+/// refused with an ERROR on every version: on 15 to 17 `CreateDecodingContext` raises it ("can
+/// no longer get changes from replication slot"); on 18, which only asserts there, the acquire
+/// itself does (`error_if_invalid`), after taking ownership, so a checkpoint that invalidates
+/// the slot (`idle_replication_slot_timeout`) between the relay's own check and the acquire is
+/// caught too. The worker ends on that ERROR, and when it starts again it finds the slot
+/// invalidated and reports why (`slot_error`).
 ///
 /// # Safety
 /// As `ReplicationSlotAcquire`: outside a transaction, holding no slot, with a resource owner.
@@ -96,7 +101,44 @@ pub unsafe fn replication_slot_acquire(name: &CStr, nowait: bool) {
         #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
         pg_sys::ReplicationSlotAcquire(name.as_ptr(), nowait);
         #[cfg(feature = "pg18")]
-        pg_sys::ReplicationSlotAcquire(name.as_ptr(), nowait, false);
+        pg_sys::ReplicationSlotAcquire(name.as_ptr(), nowait, true);
+    }
+}
+
+/// Whether the standbys that must confirm WAL before logical decoding may pass it on have
+/// confirmed (flushed) everything before `lsn`: PostgreSQL 17's `synchronized_standby_slots`,
+/// which walsenders of failover slots obey (`NeedToWaitForStandbys` in walsender.c). True when
+/// there is nothing to wait for: on 15 and 16 (no such setting), when the held slot is not a
+/// failover slot, or when the setting is empty. `log_reason`: have PostgreSQL log, as a
+/// WARNING, why a listed slot holds back (missing, logical, invalidated, or no standby
+/// connected); otherwise at DEBUG1, since the relay asks many times a second.
+///
+/// # Safety
+/// On the main thread of a process that holds its slot (`MyReplicationSlot`), outside any
+/// spinlock. The WAL page reader is such a place.
+pub unsafe fn standbys_confirmed(lsn: pg_sys::XLogRecPtr, log_reason: bool) -> bool {
+    #[cfg(any(feature = "pg15", feature = "pg16"))]
+    {
+        let _ = (lsn, log_reason);
+        true
+    }
+    // SAFETY: MyReplicationSlot is this process's own slot, whose `failover` flag only this
+    // process (its owner) changes. `synchronized_standby_slots` is the GUC's string, written
+    // only by this process's GUC machinery on this thread. StandbySlotsHaveCaughtup takes
+    // ReplicationSlotControlLock and each slot's spinlock itself, and with an elevel below
+    // ERROR it never raises: WARNING and DEBUG1 only log.
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    unsafe {
+        let slot = pg_sys::MyReplicationSlot;
+        if slot.is_null() || !(*slot).data.failover {
+            return true;
+        }
+        let setting = pg_sys::synchronized_standby_slots;
+        if setting.is_null() || *setting == 0 {
+            return true;
+        }
+        let elevel = if log_reason { pg_sys::WARNING } else { pg_sys::DEBUG1 };
+        pg_sys::StandbySlotsHaveCaughtup(lsn, elevel as std::ffi::c_int)
     }
 }
 

@@ -66,14 +66,57 @@ pub(super) fn local_wal_routine() -> pg_sys::XLogReaderRoutine {
 /// `XLREAD_FAIL`: the page reader could not supply the page (xlogreader.h, 15 and later).
 const XLREAD_FAIL: std::ffi::c_int = -1;
 
-/// The relay's page reader: `read_local_xlog_page`, except that it never waits. That function
-/// sleeps until the requested bytes are flushed, and its sleep only ends early for interrupts
-/// that a worker with pgrx's signal handlers never raises. A record whose tail is not flushed
-/// (the WAL writer flushes whole pages, and nothing flushes the records of a transaction that
-/// rolled back) would then hold the worker: no delivery reports, no reload, no SIGTERM, and a
-/// fast shutdown waits for ever, since the shutdown checkpoint that would flush the tail only
-/// comes after the worker exits. Instead the page is reported as unavailable: XLogReadRecord
-/// returns no record and no error, and reads the same record again on the next call.
+/// How often PostgreSQL may log, as a WARNING, why a standby in `synchronized_standby_slots`
+/// holds decoding back; in between it logs at DEBUG1.
+const STANDBY_REASON_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+thread_local! {
+    /// The position decoding waits for the standbys to confirm, while it does (see
+    /// `read_flushed_wal_page`). Only the worker's main thread reads WAL.
+    static STANDBY_WAIT: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    /// When the reason for a standby wait was last logged as a WARNING.
+    static STANDBY_REASON_LOGGED: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether decoding may read WAL up to `need`: it is flushed here and, on 17 and later, the
+/// standbys in `synchronized_standby_slots` have flushed it too (for a failover slot). Notes a
+/// standby wait for [`DecodingSession::standby_wait`].
+fn readable_upto(need: u64) -> bool {
+    if need > flush_lsn() {
+        return false;
+    }
+    let log_reason = STANDBY_REASON_LOGGED.get().is_none_or(|t| t.elapsed() >= STANDBY_REASON_LOG_INTERVAL);
+    // SAFETY: called by the page reader on the worker's main thread, which holds its slot.
+    let confirmed = unsafe { super::compat::standbys_confirmed(need, log_reason) };
+    if confirmed {
+        STANDBY_WAIT.set(None);
+    } else {
+        if log_reason {
+            STANDBY_REASON_LOGGED.set(Some(std::time::Instant::now()));
+        }
+        STANDBY_WAIT.set(Some(need));
+    }
+    confirmed
+}
+
+/// The relay's page reader: `read_local_xlog_page`, except that it never waits, and that it
+/// reads no further than the standbys have confirmed.
+///
+/// * **Never waits.** That function sleeps until the requested bytes are flushed, and its
+///   sleep only ends early for interrupts that a worker with pgrx's signal handlers never
+///   raises. A record whose tail is not flushed (the WAL writer flushes whole pages, and
+///   nothing flushes the records of a transaction that rolled back) would then hold the
+///   worker: no delivery reports, no reload, no SIGTERM, and a fast shutdown waits for ever,
+///   since the shutdown checkpoint that would flush the tail only comes after the worker exits.
+/// * **Never ahead of the standbys** (17 and later, failover slot, `synchronized_standby_slots`
+///   set). A walsender waits in the same place (`logical_read_xlog_page` →
+///   `WalSndWaitForWal` → `NeedToWaitForStandbys`): a record, a commit record included, is
+///   decoded only once all of its bytes are read, so no transaction reaches Kafka, and the slot
+///   is never confirmed past WAL, before the standbys have flushed its commit. A failover to
+///   one of them can then never lose a transaction whose events were published.
+///
+/// Either way the page is reported as unavailable: XLogReadRecord returns no record and no
+/// error, and reads the same record again on the next call.
 #[pg_guard]
 unsafe extern "C-unwind" fn read_flushed_wal_page(
     state: *mut pg_sys::XLogReaderState,
@@ -82,14 +125,13 @@ unsafe extern "C-unwind" fn read_flushed_wal_page(
     target_rec: pg_sys::XLogRecPtr,
     cur_page: *mut c_char,
 ) -> std::ffi::c_int {
-    if target_page + req_len as u64 > flush_lsn() {
+    if !readable_upto(target_page + req_len as u64) {
         return XLREAD_FAIL;
     }
     // SAFETY: the reader passes its own valid arguments through; the requested bytes are
     // flushed, so read_local_xlog_page reads them without waiting.
     unsafe { guarded(|| c_read_local_xlog_page(state, target_page, req_len, target_rec, cur_page)) }
 }
-
 
 /// An open logical-decoding context on the held slot, reading WAL from the slot's
 /// `restart_lsn` and skipping transactions that committed before `confirmed_flush`.
@@ -149,6 +191,7 @@ impl DecodingSession {
             );
             pg_sys::MemoryContextSwitchTo(old);
             pg_sys::XLogBeginRead((*ctx).reader, (*pg_sys::MyReplicationSlot).data.restart_lsn);
+            STANDBY_WAIT.set(None);
             DecodingSession { ctx, last_save: std::time::Instant::now(), unsaved: false }
         }
     }
@@ -164,10 +207,18 @@ impl DecodingSession {
         flush_lsn() > self.decoded_upto()
     }
 
-    /// Decodes the next WAL record if all of it has been flushed, handing events and commits to
-    /// `sink`. Returns false, without waiting, when there is none.
+    /// While decoding waits for the standbys in `synchronized_standby_slots` to confirm WAL it
+    /// could otherwise read: the position it waits for (see `read_flushed_wal_page`).
+    pub fn standby_wait(&self) -> Option<u64> {
+        STANDBY_WAIT.get()
+    }
+
+    /// Decodes the next WAL record if all of it has been flushed (and, where the standbys must
+    /// confirm it first, confirmed), handing events and commits to `sink`. Returns false,
+    /// without waiting, when there is none.
     pub fn decode_next(&mut self, sink: &mut dyn DecodeSink) -> bool {
         if !self.wal_available() {
+            STANDBY_WAIT.set(None);
             return false;
         }
         // SAFETY: ctx is live; XLogReadRecord returns a record owned by the reader, valid until

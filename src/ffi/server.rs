@@ -133,6 +133,19 @@ pub fn flush_lsn() -> u64 {
     unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) }
 }
 
+/// The current value of a PostgreSQL setting, as `SHOW` prints it; None if there is no such
+/// setting in this version. Not for settings that may hold secrets.
+pub fn config_option(name: &str) -> Option<String> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: GetConfigOption returns NULL for an unknown setting (missing_ok) or a pointer to
+    // the current value, copied at once. restrict_privileged = false: the caller is the relay
+    // or a function that shows only non-secret settings.
+    unsafe {
+        let value = pg_sys::GetConfigOption(name.as_ptr(), true, false);
+        (!value.is_null()).then(|| CStr::from_ptr(value).to_string_lossy().into_owned())
+    }
+}
+
 /// Re-reads postgresql.conf after SIGHUP.
 pub fn reload_config() {
     // SAFETY: called from the worker's main loop, outside any transaction, as the postmaster's
@@ -185,24 +198,15 @@ pub fn exit_worker(code: i32) -> ! {
 /// worker adds `outbox_ext` to the setting for its own process only (session level); other
 /// backends keep the server's list.
 pub fn allow_own_output_plugin() {
-    // SAFETY: GetConfigOption returns NULL for an unknown setting (missing_ok) or a pointer to
-    // the current value, which we copy at once. SetConfigOption copies its arguments; the
-    // worker runs as the bootstrap superuser, so PGC_SUSET applies.
+    let Some(current) = config_option("output_plugin_libraries") else { return };
+    if current.split(',').any(|lib| lib.trim() == "outbox_ext") {
+        return;
+    }
+    let value = if current.trim().is_empty() { "outbox_ext".to_string() } else { format!("{current}, outbox_ext") };
+    let value = CString::new(value).expect("no NUL");
+    // SAFETY: SetConfigOption copies its arguments; the worker runs as the bootstrap
+    // superuser, so PGC_SUSET applies.
     unsafe {
-        let current = pg_sys::GetConfigOption(c"output_plugin_libraries".as_ptr(), true, false);
-        if current.is_null() {
-            return;
-        }
-        let current = CStr::from_ptr(current).to_string_lossy().into_owned();
-        if current.split(',').any(|lib| lib.trim() == "outbox_ext") {
-            return;
-        }
-        let value = if current.trim().is_empty() {
-            "outbox_ext".to_string()
-        } else {
-            format!("{current}, outbox_ext")
-        };
-        let value = CString::new(value).expect("no NUL");
         pg_sys::SetConfigOption(
             c"output_plugin_libraries".as_ptr(),
             value.as_ptr(),
@@ -236,3 +240,10 @@ pub fn wal_insert_lsn() -> u64 {
     unsafe { pg_sys::GetXLogInsertRecPtr() }
 }
 
+
+/// The timeline this server writes WAL on (outside recovery).
+pub fn wal_insert_timeline() -> u32 {
+    // SAFETY: GetWALInsertionTimeLine reads a shared-memory field set once recovery ends; the
+    // relay only runs after that.
+    unsafe { pg_sys::GetWALInsertionTimeLine() }
+}

@@ -31,29 +31,90 @@ fn valid_slot_name(name: &str) -> bool {
 struct SlotFacts {
     /// The slot's output plugin, if the slot exists.
     plugin: Option<String>,
-    /// wal_status = 'lost'.
-    lost: bool,
+    /// Why PostgreSQL invalidated the slot, if it did: `pg_replication_slots.invalidation_reason`
+    /// (17 and later), `wal_removed` for `wal_status = 'lost'`, or `conflict` for 16's
+    /// `conflicting`.
+    invalidated: Option<String>,
     /// CREATE EXTENSION outbox_ext has run in this database.
     installed: bool,
     /// outbox.relay_slot lists the slot: the relay made it for this installation.
     recorded: bool,
+    /// The server's timeline when the slot was recorded (NULL for slots recorded by 0.1.0), and
+    /// now: a higher one now means this server was promoted since.
+    recorded_timeline: Option<i32>,
+    timeline: i32,
 }
 
 fn read_facts(slot: &str) -> SlotFacts {
     let facts = BackgroundWorker::transaction(|| -> Result<SlotFacts, pgrx::spi::Error> {
-        let (plugin, lost) = Spi::get_two::<String, bool>(&format!(
+        // to_jsonb: columns that only some versions have (invalidation_reason from 17,
+        // conflicting from 16) read as NULL on the others.
+        let (plugin, invalidated) = Spi::get_two::<String, String>(&format!(
             "SELECT (SELECT plugin::text FROM pg_catalog.pg_replication_slots WHERE slot_name = '{slot}'),
-                    coalesce((SELECT wal_status = 'lost' FROM pg_catalog.pg_replication_slots WHERE slot_name = '{slot}'), false)"
+                    (SELECT coalesce(to_jsonb(s) ->> 'invalidation_reason',
+                                     CASE WHEN s.wal_status = 'lost' THEN 'wal_removed' END,
+                                     CASE WHEN (to_jsonb(s) ->> 'conflicting')::boolean THEN 'conflict' END)
+                     FROM pg_catalog.pg_replication_slots s WHERE slot_name = '{slot}')"
         ))?;
         let installed = ffi::extension_installed(false) == Some(true);
-        let recorded = installed
-            && Spi::get_one::<bool>(&format!(
-                "SELECT EXISTS (SELECT 1 FROM outbox.relay_slot WHERE slot_name = '{slot}')"
+        let (recorded, recorded_timeline) = if installed {
+            // The column `timeline` is new in 0.2.0: read through to_jsonb, so that a 0.1.0
+            // schema (before ALTER EXTENSION UPDATE) reads NULL.
+            Spi::get_two::<bool, i32>(&format!(
+                "SELECT EXISTS (SELECT 1 FROM outbox.relay_slot WHERE slot_name = '{slot}'),
+                        (SELECT (to_jsonb(r) ->> 'timeline')::int FROM outbox.relay_slot r WHERE slot_name = '{slot}')"
             ))?
-            .unwrap_or(false);
-        Ok(SlotFacts { plugin, lost: lost.unwrap_or(false), installed, recorded })
+        } else {
+            (Some(false), None)
+        };
+        Ok(SlotFacts {
+            plugin,
+            invalidated,
+            installed,
+            recorded: recorded.unwrap_or(false),
+            recorded_timeline,
+            timeline: ffi::wal_insert_timeline() as i32,
+        })
     });
     facts.unwrap_or_else(|e| error!("outbox_ext: could not look up slot \"{slot}\": {e}"))
+}
+
+/// Why a slot that `outbox.relay_slot` lists is missing, and what to do.
+fn missing_slot_error(slot: &str, facts: &SlotFacts) -> String {
+    let reset = "compare Kafka with your data, then run SELECT outbox.reset_slot() to start with a new slot";
+    let promoted = facts.recorded_timeline.is_some_and(|t| facts.timeline > t);
+    if !promoted {
+        return format!(
+            "replication slot \"{slot}\" was dropped behind the relay's back: events committed before that and not yet delivered are lost; {reset}"
+        );
+    }
+    let from = facts.recorded_timeline.unwrap_or_default();
+    let to = facts.timeline;
+    if cfg!(any(feature = "pg15", feature = "pg16")) {
+        format!(
+            "replication slot \"{slot}\" does not exist on this server, which was promoted from a standby since the slot was made (timeline {from} → {to}): PostgreSQL 15 and 16 do not copy logical replication slots to standbys, so the events that the old primary had not delivered before the failover were not published, and cannot be from here; {reset} (PostgreSQL 17 and later keep the slot across a failover, see the README's High availability)"
+        )
+    } else {
+        format!(
+            "replication slot \"{slot}\" does not exist on this server, which was promoted from a standby since the slot was made (timeline {from} → {to}), and the standby had no synchronised copy of it: the events that the old primary had not delivered before the failover were not published, and cannot be from here; {reset}. To keep the slot across the next failover: outbox.failover_slot = on (the default) on the primary, and sync_replication_slots = on, hot_standby_feedback = on, primary_slot_name and a dbname in primary_conninfo on the standbys (see the README's High availability)"
+        )
+    }
+}
+
+/// Why the slot was invalidated, and what to do.
+fn invalidated_slot_error(slot: &str, reason: &str) -> String {
+    let reset = "compare Kafka with your data, then run SELECT outbox.reset_slot() to start with a new slot";
+    match reason {
+        "idle_timeout" => format!(
+            "replication slot \"{slot}\" was invalidated by idle_replication_slot_timeout: no relay held it for longer than that (the relay was not running), and PostgreSQL gave up the WAL it kept; events committed since its last confirmed position cannot be delivered; {reset}, and raise idle_replication_slot_timeout or set it to 0"
+        ),
+        "wal_removed" => format!(
+            "replication slot \"{slot}\" was invalidated (it lost WAL it needed, see max_slot_wal_keep_size): events committed since its last confirmed position may be missing; {reset}"
+        ),
+        other => format!(
+            "replication slot \"{slot}\" was invalidated ({other}): events committed since its last confirmed position cannot be delivered; {reset}"
+        ),
+    }
 }
 
 /// Lists the slot in outbox.relay_slot, so that its disappearance is noticed.
@@ -86,9 +147,7 @@ pub fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> bool {
             None if !facts.installed => status.set_state(RelayState::NotInstalled),
             None if facts.recorded => {
                 status.set_state(RelayState::SlotError);
-                status.set_error(&format!(
-                    "replication slot \"{slot}\" was dropped behind the relay's back: events committed before that and not yet delivered are lost; compare Kafka with your data, then run SELECT outbox.reset_slot() to start with a new slot"
-                ));
+                status.set_error(&missing_slot_error(slot, &facts));
             }
             None => {
                 log!("outbox_ext relay: creating logical replication slot \"{slot}\"");
@@ -105,11 +164,9 @@ pub fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> bool {
                     "replication slot \"{slot}\" uses output plugin \"{p}\", not outbox_ext; drop it or set outbox.slot_name"
                 ));
             }
-            Some(_) if facts.lost => {
+            Some(_) if facts.invalidated.is_some() => {
                 status.set_state(RelayState::SlotError);
-                status.set_error(&format!(
-                    "replication slot \"{slot}\" was invalidated (it lost WAL it needed, see max_slot_wal_keep_size): events committed since its last confirmed position may be missing; compare Kafka with your data, then run SELECT outbox.reset_slot() to start with a new slot"
-                ));
+                status.set_error(&invalidated_slot_error(slot, facts.invalidated.as_deref().unwrap_or_default()));
             }
             Some(_) => match ffi::slot_active_pid(slot) {
                 Some(pid) if pid != 0 => {

@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! starting ─▶ unconfigured ◀─▶ streaming ◀─▶ kafka_unavailable
-//!                  │               │   ▲
-//!                  └─ config_error ┘   └──▶ delivery_error   (stopped: no worker running)
+//!                  │               │   ▲ ▲
+//!                  └─ config_error ┘   │ └──▶ delivery_error   (stopped: no worker running)
+//!                                      └──▶ waiting_for_standby
 //! ```
 //!
 //! Every Postgres call happens on this thread. On a failed delivery the worker *rewinds*: it
@@ -37,6 +38,11 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long SIGTERM waits for in-flight events to be acknowledged before exiting.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+/// How long decoding waits for the standbys before `last_error` says so.
+const STANDBY_WAIT_REPORT: Duration = Duration::from_secs(10);
+/// The nap while decoding waits for the standbys: they confirm every
+/// `wal_receiver_status_interval` or as they flush, so a shorter one would only spin.
+const STANDBY_WAIT_NAP: Duration = Duration::from_millis(10);
 
 /// The relay worker's main function (started through `ffi::outbox_relay_main`).
 pub fn relay_main() {
@@ -115,6 +121,8 @@ struct Relay {
     idle_streak: u32,
     /// Stopped on a permanent delivery error: the `outbox.resume()` count seen at that moment.
     stopped_at_resume: Option<u64>,
+    /// Decoding waits for the standbys: since when, and whether `last_error` said so yet.
+    standby_wait: Option<(Instant, bool)>,
 }
 
 impl Relay {
@@ -133,6 +141,7 @@ impl Relay {
             waiting_at_event: false,
             idle_streak: 0,
             stopped_at_resume: None,
+            standby_wait: None,
         }
     }
 
@@ -203,6 +212,8 @@ impl Relay {
                 self.rewind();
                 continue;
             }
+            let waiting_at = session.standby_wait();
+            self.note_standby_wait(waiting_at);
             self.store_dead_letters();
             self.publish_progress();
             let idle = decoded == 0;
@@ -222,7 +233,8 @@ impl Relay {
                 // 1 ms naps keep latency low while events flow or await acknowledgement; after
                 // a second of quiet, 10 ms naps keep an idle relay cheap.
                 let nap = if in_flight || self.idle_streak < 1000 { 1 } else { 10 };
-                sleep(Duration::from_millis(nap));
+                let nap = Duration::from_millis(nap);
+                sleep(if self.standby_wait.is_some() { nap.max(STANDBY_WAIT_NAP) } else { nap });
             } else {
                 self.idle_streak = 0;
             }
@@ -366,7 +378,34 @@ impl Relay {
             self.status.set_state(RelayState::KafkaUnavailable);
         } else {
             router.broker_trouble = false;
-            self.status.set_state(RelayState::Streaming);
+            let state =
+                if self.standby_wait.is_some() { RelayState::WaitingForStandby } else { RelayState::Streaming };
+            self.status.set_state(state);
+        }
+    }
+
+    /// Follows a wait for the standbys in `synchronized_standby_slots` (`waiting_at`: the WAL
+    /// position decoding waits for them to confirm). A long one shows in `last_error` with the
+    /// standbys' slots, since only an operator can help if a standby is gone.
+    fn note_standby_wait(&mut self, waiting_at: Option<u64>) {
+        let Some(lsn) = waiting_at else {
+            if self.standby_wait.take().is_some_and(|(since, _)| since.elapsed() >= STANDBY_WAIT_REPORT) {
+                log!("outbox_ext relay: the standbys in synchronized_standby_slots confirmed; delivering again");
+            }
+            return;
+        };
+        let (since, reported) = self.standby_wait.get_or_insert((Instant::now(), false));
+        if !*reported && since.elapsed() >= STANDBY_WAIT_REPORT {
+            *reported = true;
+            let message = format!(
+                "waiting for the standbys in synchronized_standby_slots ({}) to confirm WAL up to {:X}/{:X} for {} s: nothing is published before they have it; a standby that is down or was removed holds delivery back until it is taken out of synchronized_standby_slots (the server log says which slot)",
+                gucs::synchronized_standby_slots(),
+                lsn >> 32,
+                lsn as u32,
+                since.elapsed().as_secs()
+            );
+            warning!("outbox_ext relay: {message}");
+            self.status.set_error(&message);
         }
     }
 

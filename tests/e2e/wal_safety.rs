@@ -2,7 +2,7 @@
 //! when it was invalidated or dropped (events would be missing), and must not outlive the
 //! extension.
 
-use outbox_tests::{holds_for, streaming_relay, wait_until, Collector, Emitted, PgCluster, DEADLINE};
+use outbox_tests::{holds_for, pg_major, streaming_relay, wait_until, Collector, Emitted, PgCluster, DEADLINE};
 use std::time::{Duration, Instant};
 
 const MB: i64 = 1024 * 1024;
@@ -168,4 +168,51 @@ fn drop_extension_without_kafka_settings_drops_an_empty_slot() {
     pg.wait_for_state("unconfigured", DEADLINE);
     pg.sql("DROP EXTENSION outbox_ext");
     wait_until("the slot to be dropped", DEADLINE, || !slot_exists(&pg));
+}
+
+/// PostgreSQL 18's `idle_replication_slot_timeout` invalidates, at a checkpoint, a slot that no
+/// process has held for longer than the timeout. A relay that runs holds its slot in every
+/// state, `delivery_error` included, so the timeout only strikes while no relay runs (here: the
+/// library left out of shared_preload_libraries). The relay then reports it in slot_error.
+#[test]
+fn idle_replication_slot_timeout_spares_a_running_relay_and_is_reported_after_a_stop() {
+    if pg_major() < 18 {
+        return;
+    }
+    let props = "allow.auto.create.topics=false;topic.metadata.propagation.max.ms=1000";
+    let (kafka, mut pg) =
+        streaming_relay(&[], &[("idle_replication_slot_timeout", "1s"), ("outbox.kafka_properties", props)]);
+    let reason = |pg: &PgCluster| {
+        pg.sql("SELECT coalesce(invalidation_reason, 'valid') FROM pg_replication_slots WHERE slot_name = 'outbox_ext'")
+    };
+    // Stopped at an event for a topic that does not exist.
+    pg.sql("SELECT outbox.emit('nowhere', 'k', 'T', '{}')");
+    pg.wait_for_state("delivery_error", DEADLINE);
+    holds_for("the slot of a relay in delivery_error to stay valid past the timeout", Duration::from_secs(3), || {
+        pg.sql("CHECKPOINT");
+        reason(&pg) == "valid"
+    });
+
+    pg.pg_ctl_stop("fast");
+    pg.configure("shared_preload_libraries = ''");
+    pg.pg_ctl_start();
+    wait_until("the unheld slot to be invalidated for being idle", DEADLINE, || {
+        pg.sql("CHECKPOINT");
+        reason(&pg) == "idle_timeout"
+    });
+    pg.pg_ctl_stop("fast");
+    pg.configure("shared_preload_libraries = 'outbox_ext'");
+    pg.pg_ctl_start();
+    pg.wait_for_state("slot_error", DEADLINE);
+    let error = pg.status("last_error");
+    assert!(error.contains("idle_replication_slot_timeout") && error.contains("outbox.reset_slot()"), "{error}");
+    let refused = pg.sql_error("SELECT outbox.emit('after', 'k', 'T', '{}')");
+    assert!(refused.starts_with("55000"), "{refused}");
+
+    pg.sql("SELECT outbox.reset_slot()");
+    pg.wait_for_state("streaming", DEADLINE);
+    kafka.create_topic("outbox.event.after", 3);
+    let mut consumer = Collector::new(&kafka.bootstrap, &[("outbox.event.after", 3)]);
+    let after = emit_committed(&pg, "after", 10);
+    consumer.until_all(&after, DEADLINE);
 }

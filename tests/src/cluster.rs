@@ -80,6 +80,36 @@ fn check(what: &str, out: Output) -> Output {
 
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
+/// A new, empty directory for a cluster (owned by the cluster's owner) and a port for it.
+fn scratch_dir() -> (PathBuf, u16) {
+    if NEXT_PORT.load(Ordering::Relaxed) == 0 {
+        let base = 20000 + (std::process::id() % 2000) as u16 * 10;
+        let _ = NEXT_PORT.compare_exchange(0, base, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("outbox-pg-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if is_root() {
+        check("chown", Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).guarded_output().unwrap());
+    }
+    (dir, port)
+}
+
+/// The postgresql.conf lines that keep a cluster in `dir` to itself: a Unix socket there on
+/// `port`, no TCP.
+fn listen_here(dir: &Path, port: u16) -> String {
+    format!("\nlisten_addresses = ''\nport = {port}\nunix_socket_directories = '{}'\n", dir.display())
+}
+
+/// Appends `lines` to a configuration file of the data directory `data`.
+fn append_conf(data: &Path, file: &str, lines: &str) {
+    let path = data.join(file);
+    let mut existing = std::fs::read_to_string(&path).unwrap();
+    existing.push_str(lines);
+    std::fs::write(&path, existing).unwrap();
+}
+
 pub struct PgCluster {
     pub dir: PathBuf,
     pub port: u16,
@@ -112,17 +142,7 @@ impl PgCluster {
     /// Like `start`, without creating the extension. `settings` come last in
     /// postgresql.conf, so they override the defaults (for example wal_level).
     pub fn init(settings: &[(&str, &str)]) -> PgCluster {
-        if NEXT_PORT.load(Ordering::Relaxed) == 0 {
-            let base = 20000 + (std::process::id() % 2000) as u16 * 10;
-            let _ = NEXT_PORT.compare_exchange(0, base, Ordering::Relaxed, Ordering::Relaxed);
-        }
-        let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("outbox-pg-{}-{port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        if is_root() {
-            check("chown", Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).guarded_output().unwrap());
-        }
+        let (dir, port) = scratch_dir();
         let data = dir.join("data");
         check(
             "initdb",
@@ -133,22 +153,79 @@ impl PgCluster {
                 .unwrap(),
         );
         let mut conf = format!(
-            "\nlisten_addresses = ''\nport = {port}\nunix_socket_directories = '{}'\n\
-             shared_preload_libraries = 'outbox_ext'\nwal_level = logical\n\
+            "shared_preload_libraries = 'outbox_ext'\nwal_level = logical\n\
              max_prepared_transactions = 10\nfsync = off\nmax_wal_senders = 4\nmax_replication_slots = 8\n\
-             log_line_prefix = '%m [%p] '\n",
-            dir.display()
+             log_line_prefix = '%m [%p] '\n"
         );
         for (k, v) in settings {
             conf.push_str(&format!("{k} = '{v}'\n"));
         }
-        let conf_path = data.join("postgresql.conf");
-        let mut existing = std::fs::read_to_string(&conf_path).unwrap();
-        existing.push_str(&conf);
-        std::fs::write(&conf_path, existing).unwrap();
+        append_conf(&data, "postgresql.conf", &(listen_here(&dir, port) + &conf));
         let mut cluster = PgCluster { dir, port, database: "postgres".into(), stopped: true, owner: true };
         cluster.pg_ctl_start();
         cluster
+    }
+
+    /// A streaming standby of `primary`, started: `pg_basebackup -R` over a new physical slot
+    /// `slot` (so the primary keeps the WAL the standby needs, and `synchronized_standby_slots`
+    /// can name it), with `hot_standby_feedback` and, on 17 and later, `sync_replication_slots`
+    /// on, so that it keeps a copy of the relay's failover slot. `primary_conninfo` names a
+    /// database, as slot synchronisation needs. `settings` are extra postgresql.conf lines.
+    pub fn standby_of(primary: &PgCluster, slot: &str, settings: &[(&str, &str)]) -> PgCluster {
+        let (dir, port) = scratch_dir();
+        let data = dir.join("data");
+        let conninfo = format!("host={} port={} user=postgres dbname=postgres", primary.dir.display(), primary.port);
+        check(
+            "pg_basebackup",
+            as_owner(&pg_bin().join("pg_basebackup"))
+                .args(["-R", "-X", "stream", "-C", "-S", slot, "-c", "fast", "-d"])
+                .arg(&conninfo)
+                .arg("-D")
+                .arg(&data)
+                .guarded_output()
+                .unwrap(),
+        );
+        let mut conf = listen_here(&dir, port) + "hot_standby_feedback = on\n";
+        if pg_major() >= 17 {
+            conf.push_str("sync_replication_slots = on\n");
+        }
+        for (k, v) in settings {
+            conf.push_str(&format!("{k} = '{v}'\n"));
+        }
+        append_conf(&data, "postgresql.conf", &conf);
+        // After what pg_basebackup -R wrote, so that these win.
+        append_conf(
+            &data,
+            "postgresql.auto.conf",
+            &format!("primary_conninfo = '{conninfo} application_name=standby'\nprimary_slot_name = '{slot}'\n"),
+        );
+        let mut cluster = PgCluster { dir, port, database: "postgres".into(), stopped: true, owner: true };
+        cluster.pg_ctl_start();
+        cluster
+    }
+
+    /// Appends lines to postgresql.conf (later lines win); they apply at the next start or
+    /// reload.
+    pub fn configure(&self, lines: &str) {
+        append_conf(&self.data_dir(), "postgresql.conf", &format!("\n{lines}\n"));
+    }
+
+    /// `pg_ctl promote`, waiting until the server accepts writes.
+    pub fn promote(&self) {
+        check(
+            "pg_ctl promote",
+            as_owner(&pg_bin().join("pg_ctl"))
+                .args(["-w", "-t", "60", "-D"])
+                .arg(self.data_dir())
+                .arg("promote")
+                .guarded_output()
+                .unwrap(),
+        );
+    }
+
+    /// The PID of a standby's WAL receiver, if it runs.
+    pub fn wal_receiver_pid(&self) -> Option<i32> {
+        self.try_sql("SELECT pid FROM pg_stat_wal_receiver").ok()?.parse().ok()
     }
 
     /// Another handle on the same running cluster, for `database`. Dropping it leaves the

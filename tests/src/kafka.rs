@@ -187,6 +187,24 @@ impl Collector {
             .collect()
     }
 
+    /// Consumes until every partition of `topics` (topic, partition count) has been read up to
+    /// the broker's high watermark as it stands now: everything produced so far is in
+    /// `records`. For asserting that something never arrived, once nothing can produce it.
+    pub fn until_end(&mut self, topics: &[(&str, i32)], timeout: Duration) {
+        let mut ends = Vec::new();
+        for (topic, partitions) in topics {
+            for p in 0..*partitions {
+                let (_, high) = self.consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+                ends.push((topic.to_string(), p, high));
+            }
+        }
+        self.until("the end of every partition", timeout, |records| {
+            ends.iter().all(|(topic, p, high)| {
+                *high == 0 || records.iter().any(|r| r.topic == *topic && r.partition == *p && r.offset + 1 >= *high)
+            })
+        });
+    }
+
     /// Records whose `id` header equals `id`.
     pub fn with_id(&self, id: &str) -> Vec<&Record> {
         self.records.iter().filter(|r| r.header("id") == Some(id)).collect()

@@ -5,7 +5,7 @@ use outbox_core::latency;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 
-pub const ERROR_CAPACITY: usize = 480;
+pub const ERROR_CAPACITY: usize = 1000;
 /// A timestamp that was never set.
 pub const NO_TIME: i64 = i64::MIN;
 

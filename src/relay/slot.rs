@@ -82,23 +82,26 @@ fn read_facts(slot: &str) -> SlotFacts {
 /// Why a slot that `outbox.relay_slot` lists is missing, and what to do.
 fn missing_slot_error(slot: &str, facts: &SlotFacts) -> String {
     let reset = "compare Kafka with your data, then run SELECT outbox.reset_slot() to start with a new slot";
-    let promoted = facts.recorded_timeline.is_some_and(|t| facts.timeline > t);
-    if !promoted {
+    if !facts.recorded_timeline.is_some_and(|t| facts.timeline > t) {
         return format!(
             "replication slot \"{slot}\" was dropped behind the relay's back: events committed before that and not yet delivered are lost; {reset}"
         );
     }
-    let from = facts.recorded_timeline.unwrap_or_default();
-    let to = facts.timeline;
-    if cfg!(any(feature = "pg15", feature = "pg16")) {
-        format!(
-            "replication slot \"{slot}\" does not exist on this server, which was promoted from a standby since the slot was made (timeline {from} → {to}): PostgreSQL 15 and 16 do not copy logical replication slots to standbys, so the events that the old primary had not delivered before the failover were not published, and cannot be from here; {reset} (PostgreSQL 17 and later keep the slot across a failover, see the README's High availability)"
+    let (from, to) = (facts.recorded_timeline.unwrap_or_default(), facts.timeline);
+    let (why, keep) = if cfg!(any(feature = "pg15", feature = "pg16")) {
+        (
+            "and PostgreSQL 15 and 16 do not copy logical slots to standbys",
+            "PostgreSQL 17 and later keep the slot across a failover",
         )
     } else {
-        format!(
-            "replication slot \"{slot}\" does not exist on this server, which was promoted from a standby since the slot was made (timeline {from} → {to}), and the standby had no synchronised copy of it: the events that the old primary had not delivered before the failover were not published, and cannot be from here; {reset}. To keep the slot across the next failover: outbox.failover_slot = on (the default) on the primary, and sync_replication_slots = on, hot_standby_feedback = on, primary_slot_name and a dbname in primary_conninfo on the standbys (see the README's High availability)"
+        (
+            "that had no synchronised copy of it",
+            "To keep it across a failover: outbox.failover_slot = on, and sync_replication_slots, hot_standby_feedback, primary_slot_name and a dbname in primary_conninfo on the standby",
         )
-    }
+    };
+    format!(
+        "replication slot \"{slot}\" is missing: this server was promoted from a standby (timeline {from} → {to}) {why}. Events the old primary had not delivered were not published and cannot be from here; {reset}. {keep} (README: High availability)"
+    )
 }
 
 /// Why the slot was invalidated, and what to do.

@@ -27,6 +27,16 @@ const TOPICS: &[(&str, i32)] = &[(TOPIC, 3)];
 /// The standby's physical slot on the primary.
 const STANDBY_SLOT: &str = "standby1";
 
+/// Whether this PostgreSQL has failover slots (17 and later); the tests that need them say so
+/// and pass on 15 and 16, where `a_promoted_standby_without_the_slot_says_why` covers failover.
+fn failover_slots() -> bool {
+    if pg_major() < 17 {
+        eprintln!("not applicable: PostgreSQL {} has no failover slots", pg_major());
+        return false;
+    }
+    true
+}
+
 /// A mock Kafka cluster, a primary relaying to it, and a streaming standby.
 struct Pair {
     kafka: MockKafka,
@@ -152,7 +162,6 @@ fn finish_on_new_primary(p: &Pair, c: &mut Collector) -> Emitted {
 /// Writers on the primary until events flow, then `stop` it (immediate or fast) with the
 /// writers still running, promote the standby, write on, and check.
 fn fail_over(stop_mode: &str) {
-    assert!(pg_major() >= 17, "failover slots need PostgreSQL 17");
     let mut p = Pair::start(true, &[]);
     p.wait_for_slot_copy();
     let mut c = Collector::new(&p.kafka.bootstrap, TOPICS);
@@ -179,7 +188,7 @@ fn fail_over(stop_mode: &str) {
 
 #[test]
 fn failover_loses_nothing_and_publishes_nothing_the_new_primary_lacks() {
-    if pg_major() < 17 {
+    if !failover_slots() {
         return;
     }
     fail_over("immediate");
@@ -187,7 +196,7 @@ fn failover_loses_nothing_and_publishes_nothing_the_new_primary_lacks() {
 
 #[test]
 fn switchover_loses_nothing() {
-    if pg_major() < 17 {
+    if !failover_slots() {
         return;
     }
     fail_over("fast");
@@ -243,7 +252,7 @@ fn lagging_standby(wait_for_standby: bool) -> (outbox_tests::Report, HashSet<Str
 
 #[test]
 fn nothing_is_published_before_the_standby_has_it() {
-    if pg_major() < 17 {
+    if !failover_slots() {
         return;
     }
     let (report, _, before) = lagging_standby(true);
@@ -254,7 +263,7 @@ fn nothing_is_published_before_the_standby_has_it() {
 /// has, and the failover turns it into phantoms. This is what the test above would catch.
 #[test]
 fn without_synchronized_standby_slots_a_failover_leaves_phantoms() {
-    if pg_major() < 17 {
+    if !failover_slots() {
         return;
     }
     let (report, lagged, _) = lagging_standby(false);
@@ -280,11 +289,13 @@ fn a_promoted_standby_without_the_slot_says_why() {
     p.standby.promote();
     p.standby.wait_for_state("slot_error", DEADLINE);
     let error = p.standby.status("last_error");
-    assert!(error.contains("promoted from a standby") && error.contains("outbox.reset_slot()"), "{error}");
+    eprintln!("[PostgreSQL {}: promoted without a copy of the slot] last_error: {error}", pg_major());
+    assert!(error.contains("promoted from a standby") && error.ends_with("(README: High availability)"), "{error}");
+    assert!(error.contains("outbox.reset_slot()"), "{error}");
     if pg_major() < 17 {
-        assert!(error.contains("PostgreSQL 15 and 16 do not copy logical replication slots"), "{error}");
+        assert!(error.contains("PostgreSQL 15 and 16 do not copy logical slots to standbys"), "{error}");
     } else {
-        assert!(error.contains("no synchronised copy") && error.contains("outbox.failover_slot"), "{error}");
+        assert!(error.contains("no synchronised copy") && error.contains("sync_replication_slots"), "{error}");
     }
     let err = p.standby.sql_error("SELECT outbox.emit('orders', 'c', 'OrderPlaced', '{}')");
     assert!(err.starts_with("55000"), "{err}");

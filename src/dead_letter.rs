@@ -21,7 +21,7 @@ use pgrx::prelude::*;
 /// stored; the relay then stops at the first of them.
 pub fn store(rows: &[DeadLetter]) -> Result<(), String> {
     BackgroundWorker::transaction(|| {
-        let exists = Spi::get_one::<bool>("SELECT to_regclass('outbox.dead_letter') IS NOT NULL")
+        let exists = crate::catalog_read::one::<bool>("SELECT to_regclass('outbox.dead_letter') IS NOT NULL")
             .map_err(|e| e.to_string())?;
         if exists != Some(true) {
             return Err("table outbox.dead_letter does not exist (extension outbox_ext was dropped, or ALTER EXTENSION outbox_ext UPDATE is due)".to_string());

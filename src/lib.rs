@@ -14,6 +14,7 @@
 
 #![deny(unsafe_code)]
 
+mod catalog_read;
 mod dead_letter;
 mod emit;
 mod error;

@@ -144,11 +144,11 @@ pub fn read_table() -> TableKey {
 /// [`read_table`] in the current transaction.
 fn read_in_transaction() -> Result<TableKey, pgrx::spi::Error> {
     let Some(installation) = installation_in_transaction() else { return Ok(TableKey::NotInstalled) };
-    let has_table = Spi::get_one::<bool>("SELECT to_regclass('outbox.relay_key') IS NOT NULL")?;
+    let has_table = crate::catalog_read::one::<bool>("SELECT to_regclass('outbox.relay_key') IS NOT NULL")?;
     if has_table != Some(true) {
         return Ok(TableKey::UpdateRequired);
     }
-    let key = Spi::get_one::<Vec<u8>>("SELECT key FROM outbox.relay_key")?;
+    let key = crate::catalog_read::one::<Vec<u8>>("SELECT key FROM outbox.relay_key")?;
     Ok(match key.as_deref().and_then(|k| <[u8; KEY_LEN]>::try_from(k).ok()) {
         Some(key) => TableKey::Ready(InstalledKey { installation, key }),
         None => TableKey::Missing,
@@ -163,7 +163,7 @@ pub fn current_installation() -> Option<u32> {
 
 /// The installation whose emit function the current transaction sees, if any.
 pub fn installation_in_transaction() -> Option<u32> {
-    Spi::get_one::<pg_sys::Oid>(&format!("SELECT to_regprocedure('{EMIT_SIGNATURE}')::oid"))
+    crate::catalog_read::one::<pg_sys::Oid>(&format!("SELECT to_regprocedure('{EMIT_SIGNATURE}')::oid"))
         .unwrap_or_else(|e| error!("outbox_ext: could not look up outbox.emit: {e}"))
         .map(|oid| oid.to_u32())
 }

@@ -10,7 +10,7 @@
 //! ```
 
 use super::signals::{shutdown_requested, sleep};
-use crate::ffi;
+use crate::{catalog_read, ffi};
 use crate::record_key;
 use crate::status::{RelayState, StatusWriter};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
@@ -49,7 +49,7 @@ fn read_facts(slot: &str) -> SlotFacts {
     let facts = BackgroundWorker::transaction(|| -> Result<SlotFacts, pgrx::spi::Error> {
         // to_jsonb: columns that only some versions have (invalidation_reason from 17,
         // conflicting from 16) read as NULL on the others.
-        let (plugin, invalidated) = Spi::get_two::<String, String>(&format!(
+        let (plugin, invalidated) = catalog_read::two::<String, String>(&format!(
             "SELECT (SELECT plugin::text FROM pg_catalog.pg_replication_slots WHERE slot_name = '{slot}'),
                     (SELECT coalesce(to_jsonb(s) ->> 'invalidation_reason',
                                      CASE WHEN s.wal_status = 'lost' THEN 'wal_removed' END,
@@ -60,7 +60,7 @@ fn read_facts(slot: &str) -> SlotFacts {
         let (recorded, recorded_timeline) = if installed {
             // The column `timeline` is new in 0.2.0: read through to_jsonb, so that a 0.1.0
             // schema (before ALTER EXTENSION UPDATE) reads NULL.
-            Spi::get_two::<bool, i32>(&format!(
+            catalog_read::two::<bool, i32>(&format!(
                 "SELECT EXISTS (SELECT 1 FROM outbox.relay_slot WHERE slot_name = '{slot}'),
                         (SELECT (to_jsonb(r) ->> 'timeline')::int FROM outbox.relay_slot r WHERE slot_name = '{slot}')"
             ))?

@@ -149,7 +149,12 @@ fn partition_leaders_move_and_one_partition_has_none_for_twenty_seconds() {
 
 #[test]
 fn fatal_idempotence_error_rebuilds_the_producer() {
-    let s = Scenario::start("fatal", &[], LoadShape::default(), 1000);
+    // One request in flight per broker: the mock checks producer sequence numbers only for
+    // transactional producers (rd_kafka_mock_validate_records), so it would append a batch that
+    // was in flight behind the refused one, out of order, where a real broker refuses it with
+    // the same error. The relay's rebuild and resend are what this test is about.
+    let props = "max.in.flight.requests.per.connection=1";
+    let s = Scenario::start("fatal", &[("outbox.kafka_properties", props)], LoadShape::default(), 1000);
     s.kafka.cluster.request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],

@@ -40,8 +40,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 /// How long decoding waits for the standbys before `last_error` says so.
 const STANDBY_WAIT_REPORT: Duration = Duration::from_secs(10);
-/// The nap while decoding waits for the standbys: they confirm every
-/// `wal_receiver_status_interval` or as they flush, so a shorter one would only spin.
+/// The nap while decoding waits for the standbys. A standby reports each flush as it happens,
+/// so a shorter one would mostly find nothing new.
 const STANDBY_WAIT_NAP: Duration = Duration::from_millis(10);
 
 /// The relay worker's main function (started through `ffi::outbox_relay_main`).
@@ -232,9 +232,14 @@ impl Relay {
                 }
                 // 1 ms naps keep latency low while events flow or await acknowledgement; after
                 // a second of quiet, 10 ms naps keep an idle relay cheap.
-                let nap = if in_flight || self.idle_streak < 1000 { 1 } else { 10 };
-                let nap = Duration::from_millis(nap);
-                sleep(if self.standby_wait.is_some() { nap.max(STANDBY_WAIT_NAP) } else { nap });
+                let nap = if self.standby_wait.is_some() {
+                    STANDBY_WAIT_NAP
+                } else if in_flight || self.idle_streak < 1000 {
+                    Duration::from_millis(1)
+                } else {
+                    Duration::from_millis(10)
+                };
+                sleep(nap);
             } else {
                 self.idle_streak = 0;
             }

@@ -212,15 +212,7 @@ impl PgCluster {
 
     /// `pg_ctl promote`, waiting until the server accepts writes.
     pub fn promote(&self) {
-        check(
-            "pg_ctl promote",
-            as_owner(&pg_bin().join("pg_ctl"))
-                .args(["-w", "-t", "60", "-D"])
-                .arg(self.data_dir())
-                .arg("promote")
-                .guarded_output()
-                .unwrap(),
-        );
+        self.pg_ctl("promote", &[]);
     }
 
     /// The PID of a standby's WAL receiver, if it runs.
@@ -271,32 +263,30 @@ impl PgCluster {
     }
 
     pub fn pg_ctl_start(&mut self) {
-        check(
-            "pg_ctl start",
-            as_owner(&pg_bin().join("pg_ctl"))
-                .args(["-w", "-t", "60", "-D"])
-                .arg(self.data_dir())
-                .arg("-l")
-                .arg(self.log_path())
-                .arg("start")
-                .guarded_output()
-                .unwrap(),
-        );
+        let log = self.log_path();
+        self.pg_ctl("start", &["-l".as_ref(), log.as_os_str()]);
         self.stopped = false;
     }
 
     /// `mode` is smart, fast or immediate.
     pub fn pg_ctl_stop(&mut self, mode: &str) {
+        self.pg_ctl("stop", &["-m".as_ref(), mode.as_ref()]);
+        self.stopped = true;
+    }
+
+    /// `pg_ctl ACTION` with `options` on this cluster as its owner, waiting up to 60 s for the
+    /// action to complete; panics if it fails.
+    fn pg_ctl(&self, action: &str, options: &[&std::ffi::OsStr]) {
         check(
-            "pg_ctl stop",
+            &format!("pg_ctl {action}"),
             as_owner(&pg_bin().join("pg_ctl"))
-                .args(["-w", "-t", "60", "-m", mode, "-D"])
+                .args(["-w", "-t", "60", "-D"])
                 .arg(self.data_dir())
-                .arg("stop")
+                .args(options)
+                .arg(action)
                 .guarded_output()
                 .unwrap(),
         );
-        self.stopped = true;
     }
 
     /// Runs a psql script (statements in their own transactions unless the script says

@@ -79,12 +79,14 @@ fn read_facts(slot: &str) -> SlotFacts {
     facts.unwrap_or_else(|e| error!("outbox_ext: could not look up slot \"{slot}\": {e}"))
 }
 
+/// What an operator does about a slot that is gone or invalidated, in every such error.
+const RESET: &str = "compare Kafka with your data, then run SELECT outbox.reset_slot() to start with a new slot";
+
 /// Why a slot that `outbox.relay_slot` lists is missing, and what to do.
 fn missing_slot_error(slot: &str, facts: &SlotFacts) -> String {
-    let reset = "compare Kafka with your data, then run SELECT outbox.reset_slot() to start with a new slot";
     if !facts.recorded_timeline.is_some_and(|t| facts.timeline > t) {
         return format!(
-            "replication slot \"{slot}\" was dropped behind the relay's back: events committed before that and not yet delivered are lost; {reset}"
+            "replication slot \"{slot}\" was dropped behind the relay's back: events committed before that and not yet delivered are lost; {RESET}"
         );
     }
     let (from, to) = (facts.recorded_timeline.unwrap_or_default(), facts.timeline);
@@ -100,22 +102,21 @@ fn missing_slot_error(slot: &str, facts: &SlotFacts) -> String {
         )
     };
     format!(
-        "replication slot \"{slot}\" is missing: this server was promoted from a standby (timeline {from} → {to}) {why}. Events the old primary had not delivered were not published and cannot be from here; {reset}. {keep} (README: High availability)"
+        "replication slot \"{slot}\" is missing: this server was promoted from a standby (timeline {from} → {to}) {why}. Events the old primary had not delivered were not published and cannot be from here; {RESET}. {keep} (README: High availability)"
     )
 }
 
 /// Why the slot was invalidated, and what to do.
 fn invalidated_slot_error(slot: &str, reason: &str) -> String {
-    let reset = "compare Kafka with your data, then run SELECT outbox.reset_slot() to start with a new slot";
     match reason {
         "idle_timeout" => format!(
-            "replication slot \"{slot}\" was invalidated by idle_replication_slot_timeout: no relay held it for longer than that (the relay was not running), and PostgreSQL gave up the WAL it kept; events committed since its last confirmed position cannot be delivered; {reset}, and raise idle_replication_slot_timeout or set it to 0"
+            "replication slot \"{slot}\" was invalidated by idle_replication_slot_timeout: no relay held it for longer than that (the relay was not running), and PostgreSQL gave up the WAL it kept; events committed since its last confirmed position cannot be delivered; {RESET}, and raise idle_replication_slot_timeout or set it to 0"
         ),
         "wal_removed" => format!(
-            "replication slot \"{slot}\" was invalidated (it lost WAL it needed, see max_slot_wal_keep_size): events committed since its last confirmed position may be missing; {reset}"
+            "replication slot \"{slot}\" was invalidated (it lost WAL it needed, see max_slot_wal_keep_size): events committed since its last confirmed position may be missing; {RESET}"
         ),
         other => format!(
-            "replication slot \"{slot}\" was invalidated ({other}): events committed since its last confirmed position cannot be delivered; {reset}"
+            "replication slot \"{slot}\" was invalidated ({other}): events committed since its last confirmed position cannot be delivered; {RESET}"
         ),
     }
 }

@@ -34,7 +34,6 @@ echo "    bootstrap servers: $BOOTSTRAP"
 echo "==> starting PostgreSQL $("$PG_CONFIG" --version | cut -d" " -f2) in $DEMO_DIR (port $PORT)"
 start_scratch_cluster "$DEMO_DIR" "$PORT" <<CONF
 outbox.bootstrap_servers = '$BOOTSTRAP'
-outbox.database = 'postgres'
 CONF
 
 psql_demo() { psql -X -q -v ON_ERROR_STOP=1 -U postgres -h "$DEMO_DIR" -p "$PORT" -d postgres "$@"; }

@@ -18,7 +18,7 @@ requested=${PG_VERSIONS:-${PG:-}}   # before common.sh, which selects PG=15 by d
 
 read -r -a VERSIONS <<<"${requested:-${SUPPORTED_PG_VERSIONS[*]}}"
 NEWEST=${SUPPORTED_PG_VERSIONS[-1]}
-E2E_EVERY_VERSION=(delivery transactions lifecycle recovery setup upgrade forgery dead_letters failover)
+E2E_EVERY_VERSION=(delivery transactions lifecycle recovery setup upgrade forgery dead_letters failover databases)
 E2E_NEWEST_ONLY=(faults wal_safety)
 
 logdir=$(mktemp -d)

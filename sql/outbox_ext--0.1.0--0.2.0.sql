@@ -3,7 +3,7 @@
 --
 -- * records are authenticated: the installation's key (relay_key, made here) and _new_key();
 -- * status() gains rejected_records and dead_lettered, from _relay_state(), which replaces
---   _relay_status();
+--   _relay_status(); relays() and _relays() list the relays of every database;
 -- * dead letters: the table dead_letter, redeliver(), redeliver_all() and _redeliver_event();
 -- * relay_slot gains timeline (NULL for the slot 0.1.0 recorded), and reset_slot() drops a slot
 --   invalidated for any reason.
@@ -24,11 +24,25 @@ CREATE FUNCTION "_relay_state"() RETURNS TABLE (
 	"dead_lettered" bigint,
 	"last_error" TEXT,
 	"last_error_at" timestamp with time zone,
-	"last_delivery_at" timestamp with time zone
+	"last_delivery_at" timestamp with time zone,
+	"slot_name" TEXT
 )
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'relay_state_wrapper';
+
+CREATE FUNCTION "_relays"() RETURNS TABLE (
+	"database" TEXT,
+	"worker_pid" INT,
+	"state" TEXT,
+	"slot_name" TEXT,
+	"events_delivered" bigint,
+	"last_error" TEXT,
+	"last_delivery_at" timestamp with time zone
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'relays_state_wrapper';
 
 CREATE FUNCTION status(
     OUT worker_pid int,
@@ -49,7 +63,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT r.worker_pid,
            r.state,
-           current_setting('outbox.slot_name'),
+           coalesce(r.slot_name, s.slot_name),
            -- pg_replication_slots.failover exists from 17 on; 15 and 16 have no failover slots.
            CASE WHEN s.slot_name IS NOT NULL THEN coalesce((to_jsonb(s) ->> 'failover')::boolean, false) END,
            s.confirmed_flush_lsn,
@@ -63,10 +77,47 @@ AS $$
            r.last_error_at,
            r.last_delivery_at
     FROM @extschema@._relay_state() r
-    LEFT JOIN pg_replication_slots s ON s.slot_name = current_setting('outbox.slot_name')
+    LEFT JOIN pg_replication_slots s
+           ON s.slot_name = r.slot_name
+           OR (r.slot_name IS NULL AND s.plugin = 'outbox_ext' AND s.database = current_database())
 $$;
 COMMENT ON FUNCTION status() IS
-    'The outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries, messages skipped because emit did not write them (rejected_records), events Kafka refused for good that were set aside (dead_lettered), and the last error.';
+    'This database''s outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries, messages skipped because emit did not write them (rejected_records), events Kafka refused for good that were set aside (dead_lettered), and the last error.';
+
+CREATE FUNCTION relays(
+    OUT database name,
+    OUT pid int,
+    OUT state text,
+    OUT slot name,
+    OUT confirmed_lsn pg_lsn,
+    OUT pending_bytes bigint,
+    OUT events_delivered bigint,
+    OUT last_error text,
+    OUT last_delivery_at timestamptz)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r.database::name,
+           r.worker_pid,
+           r.state,
+           r.slot_name::name,
+           s.confirmed_flush_lsn,
+           CASE WHEN s.confirmed_flush_lsn IS NOT NULL AND NOT pg_is_in_recovery()
+                THEN greatest(pg_wal_lsn_diff(pg_current_wal_flush_lsn(), s.confirmed_flush_lsn), 0)::bigint
+           END,
+           r.events_delivered,
+           r.last_error,
+           r.last_delivery_at
+    FROM @extschema@._relays() r
+    LEFT JOIN pg_replication_slots s ON s.slot_name = r.slot_name
+    ORDER BY r.database
+$$;
+COMMENT ON FUNCTION relays() IS
+    'Every relay of the cluster, one per database with the extension (and, briefly, per database the launcher is looking at): its worker, state, slot, position, WAL not yet relayed, deliveries and last error.';
+
+COMMENT ON FUNCTION ack_latency() IS
+    'Cumulative histogram of commit → Kafka acknowledgement latency per transaction of this database''s relay since the server started: transactions with latency <= le_ms.';
 
 CREATE FUNCTION "_new_key"() RETURNS bytea
 STRICT VOLATILE PARALLEL UNSAFE
@@ -163,9 +214,10 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    slot text := current_setting('outbox.slot_name');
-    relay_state text := (SELECT state FROM @extschema@.status());
+    slot text;
+    relay_state text;
 BEGIN
+    SELECT st.slot_name, st.state INTO slot, relay_state FROM @extschema@.status() st;
     IF relay_state IS DISTINCT FROM 'slot_error' THEN
         RAISE EXCEPTION 'outbox.reset_slot() only applies while the relay is in state slot_error (it is %)', relay_state
             USING ERRCODE = '55000',

@@ -15,9 +15,10 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    slot text := current_setting('outbox.slot_name');
-    relay_state text := (SELECT state FROM @extschema@.status());
+    slot text;
+    relay_state text;
 BEGIN
+    SELECT st.slot_name, st.state INTO slot, relay_state FROM @extschema@.status() st;
     IF relay_state IS DISTINCT FROM 'slot_error' THEN
         RAISE EXCEPTION 'outbox.reset_slot() only applies while the relay is in state slot_error (it is %)', relay_state
             USING ERRCODE = '55000',

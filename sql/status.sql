@@ -1,5 +1,6 @@
--- outbox.status() over the relay's shared-memory state (_relay_state, src/status.rs) and its
--- slot; comments and grants of the other status and operator functions.
+-- outbox.status() over this database's relay (_relay_state, src/status.rs) and its slot, and
+-- outbox.relays() over every database's (_relays); comments and grants of the other status and
+-- operator functions.
 CREATE FUNCTION status(
     OUT worker_pid int,
     OUT state text,
@@ -19,7 +20,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT r.worker_pid,
            r.state,
-           current_setting('outbox.slot_name'),
+           coalesce(r.slot_name, s.slot_name),
            -- pg_replication_slots.failover exists from 17 on; 15 and 16 have no failover slots.
            CASE WHEN s.slot_name IS NOT NULL THEN coalesce((to_jsonb(s) ->> 'failover')::boolean, false) END,
            s.confirmed_flush_lsn,
@@ -33,13 +34,47 @@ AS $$
            r.last_error_at,
            r.last_delivery_at
     FROM @extschema@._relay_state() r
-    LEFT JOIN pg_replication_slots s ON s.slot_name = current_setting('outbox.slot_name')
+    LEFT JOIN pg_replication_slots s
+           ON s.slot_name = r.slot_name
+           OR (r.slot_name IS NULL AND s.plugin = 'outbox_ext' AND s.database = current_database())
 $$;
 COMMENT ON FUNCTION status() IS
-    'The outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries, messages skipped because emit did not write them (rejected_records), events Kafka refused for good that were set aside (dead_lettered), and the last error.';
+    'This database''s outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries, messages skipped because emit did not write them (rejected_records), events Kafka refused for good that were set aside (dead_lettered), and the last error.';
+
+CREATE FUNCTION relays(
+    OUT database name,
+    OUT pid int,
+    OUT state text,
+    OUT slot name,
+    OUT confirmed_lsn pg_lsn,
+    OUT pending_bytes bigint,
+    OUT events_delivered bigint,
+    OUT last_error text,
+    OUT last_delivery_at timestamptz)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r.database::name,
+           r.worker_pid,
+           r.state,
+           r.slot_name::name,
+           s.confirmed_flush_lsn,
+           CASE WHEN s.confirmed_flush_lsn IS NOT NULL AND NOT pg_is_in_recovery()
+                THEN greatest(pg_wal_lsn_diff(pg_current_wal_flush_lsn(), s.confirmed_flush_lsn), 0)::bigint
+           END,
+           r.events_delivered,
+           r.last_error,
+           r.last_delivery_at
+    FROM @extschema@._relays() r
+    LEFT JOIN pg_replication_slots s ON s.slot_name = r.slot_name
+    ORDER BY r.database
+$$;
+COMMENT ON FUNCTION relays() IS
+    'Every relay of the cluster, one per database with the extension (and, briefly, per database the launcher is looking at): its worker, state, slot, position, WAL not yet relayed, deliveries and last error.';
 
 COMMENT ON FUNCTION @extschema@.ack_latency() IS
-    'Cumulative histogram of commit → Kafka acknowledgement latency per transaction since the server started: transactions with latency <= le_ms.';
+    'Cumulative histogram of commit → Kafka acknowledgement latency per transaction of this database''s relay since the server started: transactions with latency <= le_ms.';
 
 REVOKE ALL ON FUNCTION @extschema@.resume() FROM PUBLIC;
 COMMENT ON FUNCTION @extschema@.resume() IS

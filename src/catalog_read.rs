@@ -9,10 +9,22 @@ use pgrx::spi::{Spi, SpiResult};
 
 /// The first column of the first row (None for NULL or no row).
 pub fn one<A: FromDatum + IntoDatum>(query: &str) -> SpiResult<Option<A>> {
-    Spi::connect(|client| client.select(query, Some(1), &[])?.first().get_one())
+    Spi::connect(|client| {
+        let rows = client.select(query, Some(1), &[])?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        rows.first().get_one()
+    })
 }
 
-/// The first two columns of the first row.
+/// The first two columns of the first row (None for NULL or no row).
 pub fn two<A: FromDatum + IntoDatum, B: FromDatum + IntoDatum>(query: &str) -> SpiResult<(Option<A>, Option<B>)> {
-    Spi::connect(|client| client.select(query, Some(1), &[])?.first().get_two())
+    Spi::connect(|client| {
+        let rows = client.select(query, Some(1), &[])?;
+        if rows.is_empty() {
+            return Ok((None, None));
+        }
+        rows.first().get_two()
+    })
 }

@@ -7,6 +7,7 @@ use crate::error::{raise, OrRaise};
 use crate::ffi::{self, JsonbText, SlotCheck};
 use crate::{gucs, readiness, record_key};
 use outbox_core::event::{self, EmitArgs, EmitLimits};
+use outbox_core::routing;
 use outbox_core::uuid7::Uuid7Generator;
 use outbox_core::OutboxError;
 use pgrx::prelude::*;
@@ -64,7 +65,7 @@ pub fn sql_args<'a>(
 /// new UUIDv7 unless given (a redelivered event keeps its own).
 pub fn write_event(args: EmitArgs<'_>, id: Option<[u8; 16]>, installation: u32) -> pgrx::Uuid {
     readiness::check_ready().or_raise();
-    let topic_template = gucs::topic_template();
+    let topic_template = database_topic_template();
     let limits = EmitLimits {
         max_payload_bytes: gucs::max_payload_bytes(),
         max_record_bytes: gucs::max_record_bytes(),
@@ -72,8 +73,9 @@ pub fn write_event(args: EmitArgs<'_>, id: Option<[u8; 16]>, installation: u32) 
     };
     let event = event::validate(args, limits).or_raise();
 
-    let slot = gucs::slot_name();
-    match ffi::check_slot(&slot) {
+    // This installation's key, and the slot of the database's relay.
+    let sealing = record_key::for_emit(installation).or_raise();
+    match ffi::check_slot(&sealing.slot) {
         SlotCheck::Ready { confirmed_flush } => {
             if let Some(max) = gucs::max_pending_bytes() {
                 let pending = ffi::flush_lsn().saturating_sub(confirmed_flush);
@@ -82,9 +84,8 @@ pub fn write_event(args: EmitArgs<'_>, id: Option<[u8; 16]>, installation: u32) 
                 }
             }
         }
-        SlotCheck::Missing => raise(OutboxError::SlotMissing { slot }),
-        SlotCheck::OtherDatabase => raise(OutboxError::SlotInOtherDatabase { slot }),
-        SlotCheck::Invalidated => raise(OutboxError::SlotInvalidated { slot }),
+        SlotCheck::Missing => raise(OutboxError::SlotMissing { database: ffi::my_database_name() }),
+        SlotCheck::Invalidated => raise(OutboxError::SlotInvalidated { slot: sealing.slot }),
     }
 
     let id = id.unwrap_or_else(next_id);
@@ -94,9 +95,22 @@ pub fn write_event(args: EmitArgs<'_>, id: Option<[u8; 16]>, installation: u32) 
         return pgrx::Uuid::from_bytes(id);
     }
     // Sealed for this installation and this transaction.
-    let key = record_key::for_emit(installation).or_raise();
-    ffi::log_event_message(&event::seal(&key, ffi::top_transaction_id(), &id, &event));
+    ffi::log_event_message(&event::seal(&sealing.key, ffi::top_transaction_id(), &id, &event));
     pgrx::Uuid::from_bytes(id)
+}
+
+thread_local! {
+    /// This backend's database name: a connected database cannot be renamed.
+    static DATABASE_NAME: std::cell::OnceCell<String> = const { std::cell::OnceCell::new() };
+}
+
+/// `outbox.topic` for this database (`{database}` replaced), as its relay routes with it.
+fn database_topic_template() -> String {
+    let template = gucs::topic_template();
+    if !template.contains(routing::DATABASE_PLACEHOLDER) {
+        return template;
+    }
+    DATABASE_NAME.with(|name| routing::database_template(&template, name.get_or_init(ffi::my_database_name)))
 }
 
 // Its SQL (arguments, defaults, grants) is hand-written.

@@ -13,8 +13,11 @@ use std::ffi::CString;
 pub const KAFKA_PROPERTIES_NAME: &str = "outbox.kafka_properties";
 
 static BOOTSTRAP_SERVERS_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
-static DATABASE_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
-static SLOT_NAME_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"outbox_ext"));
+// 0.1.0's settings, ignored since one relay runs per database. Still defined so that a
+// postgresql.conf of 0.1.0 starts without errors and 0.1.0's SQL (status() reads
+// outbox.slot_name) works until ALTER EXTENSION outbox_ext UPDATE; the launcher warns if set.
+static LEGACY_DATABASE_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static LEGACY_SLOT_NAME_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"outbox_ext"));
 static TOPIC_GUC: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"outbox.event.{aggregatetype}"));
 static KAFKA_PROPERTIES_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
@@ -48,25 +51,19 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::empty(),
     );
-    GucRegistry::define_string_guc(
-        c"outbox.database",
-        c"The database whose outbox the relay worker reads.",
-        c"outbox.emit() can only be used in this database.",
-        &DATABASE_GUC,
-        GucContext::Postmaster,
-        GucFlags::empty(),
-    );
-    GucRegistry::define_string_guc(
-        c"outbox.slot_name",
-        c"The logical replication slot the relay worker owns.",
-        c"",
-        &SLOT_NAME_GUC,
-        GucContext::Postmaster,
-        GucFlags::empty(),
-    );
+    for (name, setting) in [(c"outbox.database", &LEGACY_DATABASE_GUC), (c"outbox.slot_name", &LEGACY_SLOT_NAME_GUC)] {
+        GucRegistry::define_string_guc(
+            name,
+            c"No longer used: every database with the extension has its own relay and slot.",
+            c"",
+            setting,
+            GucContext::Postmaster,
+            GucFlags::NO_SHOW_ALL,
+        );
+    }
     GucRegistry::define_string_guc(
         c"outbox.topic",
-        c"Kafka topic template; {aggregatetype} is replaced by the event's aggregatetype.",
+        c"Kafka topic template; {aggregatetype} is replaced by the event's aggregatetype, {database} by the database's name.",
         c"",
         &TOPIC_GUC,
         GucContext::Sighup,
@@ -145,12 +142,16 @@ pub fn bootstrap_servers() -> String {
     string(&BOOTSTRAP_SERVERS_GUC).trim().to_string()
 }
 
-pub fn database() -> String {
-    string(&DATABASE_GUC)
-}
-
-pub fn slot_name() -> String {
-    string(&SLOT_NAME_GUC)
+/// 0.1.0's settings that postgresql.conf still sets, by name (they no longer do anything).
+pub fn legacy_settings_in_use() -> Vec<&'static str> {
+    let mut used = Vec::new();
+    if string(&LEGACY_DATABASE_GUC) != "postgres" {
+        used.push("outbox.database");
+    }
+    if string(&LEGACY_SLOT_NAME_GUC) != "outbox_ext" {
+        used.push("outbox.slot_name");
+    }
+    used
 }
 
 pub fn topic_template() -> String {

@@ -7,6 +7,9 @@
 //! (emit)            (decode, route)                    (produce)           (confirm)
 //! ```
 //!
+//! One relay runs per database with the extension; `launcher.rs` starts and restarts them, and
+//! `relays.rs` is their table in shared memory.
+//!
 //! The rules (validation, wire format, routing, what may be confirmed) live in the pure-Rust
 //! `outbox_core` crate; this crate is the Postgres and librdkafka glue around it. All `unsafe`
 //! code is in `ffi/`, the only module where the lint below allows it, and every difference
@@ -21,9 +24,11 @@ mod error;
 #[allow(unsafe_code)]
 mod ffi;
 mod gucs;
+mod launcher;
 mod readiness;
 mod record_key;
 mod relay;
+mod relays;
 mod status;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -37,7 +42,7 @@ pub extern "C-unwind" fn _PG_init() {
         ffi::install_secret_log_filter();
         readiness::mark_preloaded();
         ffi::shmem::init();
-        relay::register_worker();
+        launcher::register();
     }
 }
 
@@ -55,7 +60,6 @@ pub mod pg_test {
             "shared_preload_libraries = 'outbox_ext'",
             "wal_level = logical",
             "max_prepared_transactions = 10",
-            "outbox.database = 'pgrx_tests'",
         ]
     }
 }

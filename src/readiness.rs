@@ -43,6 +43,16 @@ fn assert_ready() -> bool {
             "Kafka keys, headers and values are UTF-8."
         );
     }
+    // Ask for this database's relay now; it waits for this transaction to end and makes the
+    // slot if it committed.
+    if crate::relays::request(ffi::my_database_id(), &ffi::my_database_name()).is_err() {
+        pgrx::ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            format!("outbox_ext relays at most {} databases per cluster, and that many have it", crate::relays::CAPACITY),
+            "Drop the extension in a database that no longer needs it."
+        );
+    }
     if crate::status::relay_retiring() {
         pgrx::ereport!(
             ERROR,

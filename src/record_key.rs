@@ -5,18 +5,19 @@
 //!   for anyone but superusers, and row-level security without a policy, which also hides the
 //!   row from `pg_read_all_data`. The table is WAL-logged, so the key is the same after a
 //!   restart, a crash, and on a physical standby after a failover.
-//! * The relay, which runs as a superuser, reads it and publishes it in shared memory, together
-//!   with the OID of this installation's `outbox.emit` function. `emit` runs as its caller,
+//! * The database's relay, which runs as a superuser, reads it and publishes it in shared memory
+//!   (one entry per database), together with the OID of this installation's `outbox.emit`
+//!   function and the name of the relay's slot. `emit` runs as its caller,
 //!   takes the key from there, and uses it only if that OID is its own: after `DROP EXTENSION`
 //!   and `CREATE EXTENSION`, no event is ever sealed with the previous installation's key.
 //!   Until the relay has published it after a restart, `emit` reads the relay's copy (below)
 //!   under the same rule, so writers do not wait for the relay to start.
-//! * The relay also keeps a copy in the data directory (`pg_outbox_ext/<slot>.key`, readable by
-//!   the server's OS user only). After `DROP EXTENSION` the table is gone, but events committed
+//! * The relay also keeps a copy, with its slot's name, in the data directory
+//!   (`pg_outbox_ext/<database oid>.key`, readable by the server's OS user only). After `DROP EXTENSION` the table is gone, but events committed
 //!   before the drop still wait to be delivered under the old key, also across a restart.
 
 use crate::ffi;
-use crate::ffi::shmem::{SharedKey, KEY};
+use crate::ffi::shmem::{ShortName, SharedKey, KEYS, MAX_RELAYS};
 use outbox_core::auth::{RecordKey, KEY_LEN};
 use outbox_core::OutboxError;
 use pgrx::bgworkers::BackgroundWorker;
@@ -61,44 +62,74 @@ pgrx::extension_sql_file!("../sql/relay_key.sql", name = "relay_key", requires =
 // ---------------------------------------------------------------------------------------------
 
 thread_local! {
-    /// The key this backend last sealed with, with its HMAC key schedule done.
-    static SEALING: RefCell<Option<(InstalledKey, RecordKey)>> = const { RefCell::new(None) };
+    /// The key this backend last sealed with, with its HMAC key schedule done, and its slot.
+    static SEALING: RefCell<Option<(InstalledKey, RecordKey, String)>> = const { RefCell::new(None) };
+    /// Where this database's entry was in KEYS last time (entries do not move while in use).
+    static KEY_INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// What `emit` seals an event with, and the slot that will read it.
+pub struct Sealing {
+    pub key: RecordKey,
+    pub slot: String,
+}
+
+/// This database's published key, if any.
+fn published() -> Option<SharedKey> {
+    let database = ffi::my_database_id();
+    let keys = KEYS.share();
+    let hint = KEY_INDEX.with(|i| i.get());
+    if keys.entries[hint].database == database {
+        return Some(keys.entries[hint]);
+    }
+    let i = keys.entries.iter().position(|k| k.database == database)?;
+    KEY_INDEX.with(|c| c.set(i));
+    Some(keys.entries[i])
 }
 
 /// The key to seal an event of the installation whose emit function is `installation`, in this
-/// database; an error if the relay has not published it (yet).
-pub fn for_emit(installation: u32) -> Result<RecordKey, OutboxError> {
-    let shared = *KEY.share();
-    if shared.database == ffi::my_database_id() && shared.installation == installation {
-        return Ok(sealing_key(InstalledKey { installation, key: shared.key }));
+/// database, and the slot of this database's relay. An error if the relay has not published
+/// them (yet): `SlotMissing` if nothing says the database has a slot at all.
+pub fn for_emit(installation: u32) -> Result<Sealing, OutboxError> {
+    let shared = published();
+    if let Some(k) = shared.filter(|k| k.installation == installation) {
+        let slot = k.slot.as_string();
+        return Ok(Sealing { key: sealing_key(InstalledKey { installation, key: k.key }, &slot), slot });
     }
     // Not published: the server just started and the relay has not yet (or runs in single-user
     // mode, where no relay runs). The relay's copy is as good if it is this installation's: the
     // relay writes it before it makes the slot and keeps it while the slot holds this
-    // installation's events. (The caller checked that the slot is in this database.) An
-    // installation's key never changes, so the one this backend sealed with last serves too.
-    // The key stays inside this process.
+    // installation's events. (The caller then checks that the slot exists.) An installation's
+    // key never changes, so the one this backend sealed with last serves too. The key stays
+    // inside this process.
     let cached = SEALING.with(|cell| {
-        cell.borrow().as_ref().filter(|(k, _)| k.installation == installation).map(|(_, r)| r.clone())
+        cell.borrow()
+            .as_ref()
+            .filter(|(k, _, _)| k.installation == installation)
+            .map(|(_, r, slot)| Sealing { key: r.clone(), slot: slot.clone() })
     });
-    if let Some(record_key) = cached {
-        return Ok(record_key);
+    if let Some(sealing) = cached {
+        return Ok(sealing);
     }
-    match KeyFile::for_slot(&crate::gucs::slot_name()).read() {
-        Some(copy) if copy.installation == installation => Ok(sealing_key(copy)),
-        _ => Err(OutboxError::KeyNotLoaded),
+    match KeyFile::for_database(ffi::my_database_id()).read() {
+        Some((copy, slot)) if copy.installation == installation => {
+            Ok(Sealing { key: sealing_key(copy, &slot), slot })
+        }
+        Some(_) => Err(OutboxError::KeyNotLoaded),
+        None if shared.is_some() => Err(OutboxError::KeyNotLoaded),
+        None => Err(OutboxError::SlotMissing { database: ffi::my_database_name() }),
     }
 }
 
 /// `key`'s HMAC state, computed once per backend and key.
-fn sealing_key(key: InstalledKey) -> RecordKey {
+fn sealing_key(key: InstalledKey, slot: &str) -> RecordKey {
     SEALING.with(|cell| {
         let mut cached = cell.borrow_mut();
         match &*cached {
-            Some((k, record_key)) if *k == key => record_key.clone(),
+            Some((k, record_key, s)) if *k == key && s == slot => record_key.clone(),
             _ => {
                 let record_key = key.record_key();
-                *cached = Some((key, record_key.clone()));
+                *cached = Some((key, record_key.clone(), slot.to_string()));
                 record_key
             }
         }
@@ -109,18 +140,25 @@ fn sealing_key(key: InstalledKey) -> RecordKey {
 // the relay's side
 // ---------------------------------------------------------------------------------------------
 
-/// Lets `emit` seal events with `key`.
-pub fn publish(key: &InstalledKey) {
-    *KEY.exclusive() = SharedKey {
-        database: ffi::my_database_id(),
-        installation: key.installation,
-        key: key.key,
-    };
+/// Lets `emit` in this database seal events with `key`, for the relay's slot `slot`.
+pub fn publish(key: &InstalledKey, slot: &str) {
+    let database = ffi::my_database_id();
+    let entry = SharedKey { database, installation: key.installation, key: key.key, slot: ShortName::new(slot) };
+    let mut keys = KEYS.exclusive();
+    let i = keys.entries.iter().position(|k| k.database == database).or_else(|| keys.entries.iter().position(|k| k.database == 0));
+    // As many entries as relays (MAX_RELAYS), and a relay needs one of those to run.
+    let i = i.unwrap_or_else(|| error!("outbox_ext: no room for more than {MAX_RELAYS} databases' keys"));
+    keys.entries[i] = entry;
 }
 
-/// Stops `emit` from sealing events until the next `publish` (the installation changed).
+/// Stops `emit` in this database from sealing events until the next `publish` (the
+/// installation changed).
 pub fn withdraw() {
-    *KEY.exclusive() = SharedKey::default();
+    let database = ffi::my_database_id();
+    let mut keys = KEYS.exclusive();
+    if let Some(k) = keys.entries.iter_mut().find(|k| k.database == database) {
+        *k = SharedKey::default();
+    }
 }
 
 /// What the database says about the current installation's key.
@@ -168,32 +206,35 @@ pub fn installation_in_transaction() -> Option<u32> {
         .map(|oid| oid.to_u32())
 }
 
-/// The relay's copy of the key its slot's events are sealed with, in the data directory.
+/// The relay's copy of the key its slot's events are sealed with, in the data directory, with
+/// the slot's name.
 pub struct KeyFile {
     path: PathBuf,
 }
 
-const FILE_VERSION: u8 = 1;
+const FILE_VERSION: u8 = 2;
 
 impl KeyFile {
-    /// The copy for slot `slot` (the worker's working directory is the data directory).
-    pub fn for_slot(slot: &str) -> KeyFile {
-        KeyFile { path: PathBuf::from("pg_outbox_ext").join(format!("{slot}.key")) }
+    /// The copy for database `oid` (every process's working directory is the data directory).
+    pub fn for_database(oid: u32) -> KeyFile {
+        KeyFile { path: PathBuf::from("pg_outbox_ext").join(format!("{oid}.key")) }
     }
 
-    pub fn read(&self) -> Option<InstalledKey> {
+    pub fn read(&self) -> Option<(InstalledKey, String)> {
         let bytes = std::fs::read(&self.path).ok()?;
-        if bytes.len() != 1 + 4 + KEY_LEN || bytes[0] != FILE_VERSION {
+        let fixed = 1 + 4 + KEY_LEN + 1;
+        if bytes.len() < fixed || bytes[0] != FILE_VERSION || bytes.len() != fixed + bytes[fixed - 1] as usize {
             warning!("outbox_ext: ignoring {}: not a key file of this version", self.path.display());
             return None;
         }
         let installation = u32::from_le_bytes(bytes[1..5].try_into().ok()?);
-        let key = bytes[5..].try_into().ok()?;
-        Some(InstalledKey { installation, key })
+        let key = bytes[5..5 + KEY_LEN].try_into().ok()?;
+        let slot = String::from_utf8(bytes[fixed..].to_vec()).ok()?;
+        Some((InstalledKey { installation, key }, slot))
     }
 
     /// Writes the copy durably: a temporary file, fsync, rename, fsync of the directory.
-    pub fn write(&self, key: &InstalledKey) {
+    pub fn write(&self, key: &InstalledKey, slot: &str) {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let dir = self.path.parent().expect("a directory");
         let tmp = self.path.with_extension("key.tmp");
@@ -203,6 +244,8 @@ impl KeyFile {
             f.write_all(&[FILE_VERSION])?;
             f.write_all(&key.installation.to_le_bytes())?;
             f.write_all(&key.key)?;
+            f.write_all(&[slot.len() as u8])?;
+            f.write_all(slot.as_bytes())?;
             f.sync_all()?;
             std::fs::rename(&tmp, &self.path)?;
             std::fs::File::open(dir)?.sync_all()

@@ -3,7 +3,9 @@
 //! The worker is the only writer. Readers take the lock in shared mode for a copy. Nothing
 //! written here ever contains a setting's value, so the status is safe to show to any role.
 
-use crate::ffi::shmem::{ERROR_CAPACITY, NO_TIME, STATUS};
+use crate::ffi::shmem::{RelayEntry, ShortName, ERROR_CAPACITY, NO_TIME, RELAYS};
+use crate::relays;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use outbox_core::latency::{self, LatencyHistogram};
 use pgrx::prelude::*;
 
@@ -29,7 +31,7 @@ pub enum RelayState {
     /// Kafka refused an event for good (unknown topic, not authorized, too large): the relay
     /// stopped at it and waits for an operator (`outbox.resume()` or a reload).
     DeliveryError = 7,
-    /// Extension outbox_ext is not installed in outbox.database: there is no slot yet (or no
+    /// Extension outbox_ext is not installed in the database: there is no slot yet (or no
     /// longer).
     NotInstalled = 8,
     /// The extension's SQL in the database is older than the library: `ALTER EXTENSION
@@ -75,24 +77,57 @@ impl RelayState {
     }
 }
 
-/// The worker's handle on the shared status. Keeps a local copy of the counters so that the
+/// The entry this process writes as a relay (usize::MAX: none), for the exit callback.
+static MY_ENTRY: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Another relay of the same database is running.
+pub struct AlreadyRunning {
+    pub pid: i32,
+}
+
+/// The worker's handle on its database's entry. Keeps a local copy of the counters so that the
 /// lock is taken once per loop iteration, not per event.
 pub struct StatusWriter {
+    index: usize,
+    /// The entry's `requests` when the relay attached (see `relays.rs`).
+    requests_seen: u64,
     state: RelayState,
     /// Latencies measured since the last publish.
     ack_latency: LatencyHistogram,
 }
 
 impl StatusWriter {
-    pub fn attach(pid: i32) -> StatusWriter {
-        {
-            let mut s = STATUS.exclusive();
-            s.worker_pid = pid;
-            s.state = RelayState::Starting as u8;
-        }
+    /// Attaches the relay of `database` to its entry (made if the launcher has not). Err if
+    /// another live relay holds it, or if the table is full.
+    pub fn attach(pid: i32, database: u32, name: &str) -> Result<StatusWriter, Option<AlreadyRunning>> {
+        let (index, requests_seen) = {
+            let mut relays = RELAYS.exclusive();
+            let index = match relays::index_of(&relays, database) {
+                Some(i) => i,
+                None => {
+                    drop(relays);
+                    relays::want(database, name).map_err(|_| None)?;
+                    relays = RELAYS.exclusive();
+                    relays::index_of(&relays, database).ok_or(None)?
+                }
+            };
+            let e = &mut relays.entries[index];
+            if e.worker_pid != 0 && e.worker_pid != pid && crate::ffi::process_alive(e.worker_pid) {
+                return Err(Some(AlreadyRunning { pid: e.worker_pid }));
+            }
+            e.worker_pid = pid;
+            e.state = RelayState::Starting as u8;
+            e.database_name = ShortName::new(name);
+            (index, e.requests)
+        };
+        MY_ENTRY.store(index, Ordering::Relaxed);
         // However the worker ends (even by an ERROR), it no longer shows as running.
         crate::ffi::before_exit(clear_on_exit);
-        StatusWriter { state: RelayState::Starting, ack_latency: LatencyHistogram::default() }
+        Ok(StatusWriter { index, requests_seen, state: RelayState::Starting, ack_latency: LatencyHistogram::default() })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut RelayEntry) -> R) -> R {
+        f(&mut RELAYS.exclusive().entries[self.index])
     }
 
     pub fn state(&self) -> RelayState {
@@ -102,20 +137,27 @@ impl StatusWriter {
     pub fn set_state(&mut self, state: RelayState) {
         if state != self.state {
             self.state = state;
-            STATUS.exclusive().state = state as u8;
+            self.with(|e| e.state = state as u8);
         }
+    }
+
+    /// The slot this relay serves, for `outbox.status()` and `outbox.relays()`.
+    pub fn set_slot(&mut self, slot: &str) {
+        self.with(|e| e.slot_name = ShortName::new(slot));
     }
 
     /// Records an error for `outbox.status()`. Callers must not pass secrets.
     pub fn set_error(&mut self, message: &str) {
-        let mut s = STATUS.exclusive();
         let mut len = message.len().min(ERROR_CAPACITY);
         while !message.is_char_boundary(len) {
             len -= 1;
         }
-        s.last_error[..len].copy_from_slice(&message.as_bytes()[..len]);
-        s.last_error_len = len as u16;
-        s.last_error_at = crate::ffi::now();
+        let now = crate::ffi::now();
+        self.with(|e| {
+            e.last_error[..len].copy_from_slice(&message.as_bytes()[..len]);
+            e.last_error_len = len as u16;
+            e.last_error_at = now;
+        });
     }
 
     /// Notes that a transaction committed `us` microseconds ago is now wholly acknowledged.
@@ -126,15 +168,17 @@ impl StatusWriter {
 
     pub fn add_delivered(&mut self, events: u64) {
         if events > 0 || !self.ack_latency.is_empty() {
-            let mut s = STATUS.exclusive();
-            if events > 0 {
-                s.events_delivered += events;
-                s.last_delivery_at = crate::ffi::now();
-            }
-            for (shared, new) in s.ack_latency.iter_mut().zip(self.ack_latency.counts()) {
-                *shared += new;
-            }
-            drop(s);
+            let now = crate::ffi::now();
+            let latency = &self.ack_latency;
+            self.with(|e| {
+                if events > 0 {
+                    e.events_delivered += events;
+                    e.last_delivery_at = now;
+                }
+                for (shared, new) in e.ack_latency.iter_mut().zip(latency.counts()) {
+                    *shared += new;
+                }
+            });
             self.ack_latency.clear();
         }
     }
@@ -142,47 +186,74 @@ impl StatusWriter {
     /// Counts messages under the outbox prefix that emit did not write, skipped by the relay.
     pub fn add_rejected(&mut self, n: u64) {
         if n > 0 {
-            STATUS.exclusive().records_rejected += n;
+            self.with(|e| e.records_rejected += n);
         }
     }
 
     /// Counts events set aside because Kafka refused them for good.
     pub fn add_dead_lettered(&mut self, n: u64) {
         if n > 0 {
-            STATUS.exclusive().events_dead_lettered += n;
+            self.with(|e| e.events_dead_lettered += n);
         }
     }
 
     /// How many times `outbox.resume()` was called.
     pub fn resume_requests(&self) -> u64 {
-        STATUS.share().resume_requests
+        RELAYS.share().entries[self.index].resume_requests
     }
 
     /// Marks the window in which the slot of a dropped installation is being dropped.
     pub fn set_retiring(&mut self, retiring: bool) {
-        STATUS.exclusive().retiring = retiring;
+        self.with(|e| e.retiring = retiring);
+    }
+
+    /// The extension is not installed and no slot holds events: unless a CREATE EXTENSION came
+    /// in since the relay attached, the launcher is not to start a relay here again. Returns
+    /// whether it came in (the launcher then starts one at once).
+    pub fn not_wanted(&mut self) -> bool {
+        let seen = self.requests_seen;
+        self.with(|e| {
+            if e.requests == seen {
+                e.wanted = false;
+                false
+            } else {
+                true
+            }
+        })
     }
 
     pub fn detach(&mut self) {
-        let mut s = STATUS.exclusive();
-        s.worker_pid = 0;
-        s.state = RelayState::Stopped as u8;
+        self.with(|e| {
+            e.worker_pid = 0;
+            e.state = RelayState::Stopped as u8;
+        });
         self.state = RelayState::Stopped;
     }
 }
 
 fn clear_on_exit() {
-    let mut s = STATUS.exclusive();
-    if s.worker_pid == crate::ffi::my_pid() {
-        s.worker_pid = 0;
-        s.state = RelayState::Stopped as u8;
-        s.retiring = false;
+    let index = MY_ENTRY.load(Ordering::Relaxed);
+    if index == usize::MAX {
+        return;
+    }
+    let mut relays = RELAYS.exclusive();
+    let e = &mut relays.entries[index];
+    if e.worker_pid == crate::ffi::my_pid() {
+        e.worker_pid = 0;
+        e.state = RelayState::Stopped as u8;
+        e.retiring = false;
     }
 }
 
-/// True while the relay drops the slot of a dropped installation.
+/// The current database's entry, copied (None if it has none).
+fn my_entry() -> Option<RelayEntry> {
+    let relays = RELAYS.share();
+    relays::index_of(&relays, crate::ffi::my_database_id()).map(|i| relays.entries[i])
+}
+
+/// True while the current database's relay drops the slot of a dropped installation.
 pub fn relay_retiring() -> bool {
-    STATUS.share().retiring
+    my_entry().is_some_and(|e| e.retiring)
 }
 
 fn timestamp(v: i64) -> Option<TimestampWithTimeZone> {
@@ -193,10 +264,13 @@ fn timestamp(v: i64) -> Option<TimestampWithTimeZone> {
     }
 }
 
-/// The relay's state as `outbox.status()` shows it (the SQL function adds the slot's figures).
+/// A relay's state as `outbox.status()` and `outbox.relays()` show it (the SQL functions add
+/// the slot's figures).
 struct Snapshot {
+    database: String,
     worker_pid: Option<i32>,
     state: String,
+    slot_name: Option<String>,
     events_delivered: i64,
     records_rejected: i64,
     events_dead_lettered: i64,
@@ -205,20 +279,28 @@ struct Snapshot {
     last_delivery_at: Option<TimestampWithTimeZone>,
 }
 
+impl Snapshot {
+    fn of(e: &RelayEntry) -> Snapshot {
+        Snapshot {
+            database: e.database_name.as_string(),
+            worker_pid: (e.worker_pid != 0).then_some(e.worker_pid),
+            state: RelayState::from_u8(e.state).as_str().to_string(),
+            slot_name: (e.slot_name.len > 0).then(|| e.slot_name.as_string()),
+            events_delivered: e.events_delivered as i64,
+            records_rejected: e.records_rejected as i64,
+            events_dead_lettered: e.events_dead_lettered as i64,
+            last_error: (e.last_error_len > 0)
+                .then(|| String::from_utf8_lossy(&e.last_error[..e.last_error_len as usize]).into_owned()),
+            last_error_at: timestamp(e.last_error_at),
+            last_delivery_at: timestamp(e.last_delivery_at),
+        }
+    }
+}
+
+/// The current database's relay (a stopped one if it has no entry).
 fn snapshot() -> Snapshot {
     crate::error::OrRaise::or_raise(crate::readiness::check_preloaded());
-    let s = *STATUS.share();
-    Snapshot {
-        worker_pid: (s.worker_pid != 0).then_some(s.worker_pid),
-        state: RelayState::from_u8(s.state).as_str().to_string(),
-        events_delivered: s.events_delivered as i64,
-        records_rejected: s.records_rejected as i64,
-        events_dead_lettered: s.events_dead_lettered as i64,
-        last_error: (s.last_error_len > 0)
-            .then(|| String::from_utf8_lossy(&s.last_error[..s.last_error_len as usize]).into_owned()),
-        last_error_at: timestamp(s.last_error_at),
-        last_delivery_at: timestamp(s.last_delivery_at),
-    }
+    Snapshot::of(&my_entry().unwrap_or(RelayEntry::FREE))
 }
 
 /// The worker's half of `outbox.status()`.
@@ -235,6 +317,7 @@ fn relay_state() -> TableIterator<
         name!(last_error, Option<String>),
         name!(last_error_at, Option<TimestampWithTimeZone>),
         name!(last_delivery_at, Option<TimestampWithTimeZone>),
+        name!(slot_name, Option<String>),
     ),
 > {
     let s = snapshot();
@@ -247,7 +330,31 @@ fn relay_state() -> TableIterator<
         s.last_error,
         s.last_error_at,
         s.last_delivery_at,
+        s.slot_name,
     ))
+}
+
+/// The relays' half of `outbox.relays()`: every database's relay, from any database.
+#[pg_extern(name = "_relays", stable, parallel_safe)]
+#[allow(clippy::type_complexity)] // the columns, as pgrx spells them
+fn relays_state() -> TableIterator<
+    'static,
+    (
+        name!(database, String),
+        name!(worker_pid, Option<i32>),
+        name!(state, String),
+        name!(slot_name, Option<String>),
+        name!(events_delivered, i64),
+        name!(last_error, Option<String>),
+        name!(last_delivery_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    crate::error::OrRaise::or_raise(crate::readiness::check_preloaded());
+    let entries: Vec<RelayEntry> = RELAYS.share().entries.iter().filter(|e| e.database != 0).copied().collect();
+    TableIterator::new(entries.into_iter().map(|e| {
+        let s = Snapshot::of(&e);
+        (s.database, s.worker_pid, s.state, s.slot_name, s.events_delivered, s.last_error, s.last_delivery_at)
+    }))
 }
 
 /// 0.1.0's `_relay_status()`: its SQL, still installed between a package upgrade and
@@ -269,14 +376,14 @@ fn relay_status() -> TableIterator<
     TableIterator::once((s.worker_pid, s.state, s.events_delivered, s.last_error, s.last_error_at, s.last_delivery_at))
 }
 
-/// The commit → Kafka acknowledgement latency of every transaction relayed since the server
-/// started, as a cumulative histogram: `transactions` is how many took at most `le_ms`. The
-/// last row (`le_ms` = infinity) is the total. A transaction counts once all its events are
-/// acknowledged, including time spent waiting for Kafka and in retries.
+/// The commit → Kafka acknowledgement latency of every transaction this database's relay
+/// relayed since the server started, as a cumulative histogram: `transactions` is how many
+/// took at most `le_ms`. The last row (`le_ms` = infinity) is the total. A transaction counts
+/// once all its events are acknowledged, including time spent waiting for Kafka and in retries.
 #[pg_extern(name = "ack_latency", stable, parallel_safe)]
 fn ack_latency() -> TableIterator<'static, (name!(le_ms, f64), name!(transactions, i64))> {
     crate::error::OrRaise::or_raise(crate::readiness::check_preloaded());
-    let counts = STATUS.share().ack_latency;
+    let counts = my_entry().map_or([0; latency::BUCKETS], |e| e.ack_latency);
     let mut cumulative = 0u64;
     TableIterator::new((0..latency::BUCKETS).map(move |i| {
         cumulative += counts[i];
@@ -285,17 +392,20 @@ fn ack_latency() -> TableIterator<'static, (name!(le_ms, f64), name!(transaction
     }))
 }
 
-/// Asks a relay stopped on a delivery error to try again. Returns whether it was stopped.
+/// Asks this database's relay, stopped on a delivery error, to try again. Returns whether it
+/// was stopped.
 #[pg_extern(name = "resume", volatile, parallel_unsafe)]
 fn resume() -> bool {
     crate::error::OrRaise::or_raise(crate::readiness::check_preloaded());
-    let mut s = STATUS.exclusive();
-    s.resume_requests += 1;
-    s.state == RelayState::DeliveryError as u8
+    let mut relays = RELAYS.exclusive();
+    let Some(i) = relays::index_of(&relays, crate::ffi::my_database_id()) else { return false };
+    let e = &mut relays.entries[i];
+    e.resume_requests += 1;
+    e.state == RelayState::DeliveryError as u8
 }
 
 pgrx::extension_sql_file!(
     "../sql/status.sql",
     name = "status_function",
-    requires = [relay_state, ack_latency, resume]
+    requires = [relay_state, relays_state, ack_latency, resume]
 );

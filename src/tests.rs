@@ -28,7 +28,7 @@ mod tests {
     /// The relay worker makes its slot shortly after the extension is created.
     fn wait_for_slot() {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !matches!(crate::ffi::check_slot(&crate::gucs::slot_name()), crate::ffi::SlotCheck::Ready { .. }) {
+        while Spi::get_one::<bool>("SELECT confirmed_lsn IS NOT NULL FROM outbox.status()").unwrap() != Some(true) {
             assert!(Instant::now() < deadline, "the relay did not create its slot");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -145,8 +145,6 @@ mod tests {
     fn settings_have_their_documented_contexts() {
         let rows = [
             ("outbox.bootstrap_servers", "sighup", ""),
-            ("outbox.database", "postmaster", "pgrx_tests"),
-            ("outbox.slot_name", "postmaster", "outbox_ext"),
             ("outbox.topic", "sighup", "outbox.event.{aggregatetype}"),
             ("outbox.max_payload_bytes", "superuser", "1000000"),
             ("outbox.max_record_bytes", "sighup", "1000000"),
@@ -178,16 +176,21 @@ mod tests {
     fn status_returns_one_row_in_a_documented_state() {
         let state = Spi::get_one::<String>("SELECT state FROM outbox.status()").unwrap().unwrap();
         assert!(
-            ["not_installed", "starting", "unconfigured", "streaming", "kafka_unavailable", "delivery_error", "stopped", "config_error", "slot_error", "update_required"]
+            ["not_installed", "starting", "unconfigured", "streaming", "kafka_unavailable", "delivery_error", "stopped", "config_error", "slot_error", "update_required", "waiting_for_standby"]
                 .contains(&state.as_str()),
             "{state}"
         );
         let rows = Spi::get_one::<i64>("SELECT count(*) FROM outbox.status()").unwrap();
         assert_eq!(rows, Some(1));
-        assert_eq!(
-            Spi::get_one::<String>("SELECT slot_name FROM outbox.status()").unwrap().as_deref(),
-            Some("outbox_ext")
+        // The slot's name is derived from the database's: outbox_<name>_<oid>.
+        let derived = Spi::get_one::<String>(
+            "SELECT 'outbox_' || datname || '_' || oid FROM pg_database WHERE datname = current_database()",
         );
+        let slot = Spi::get_one::<String>("SELECT slot_name FROM outbox.status()");
+        assert_eq!(slot.unwrap(), derived.unwrap());
+        // outbox.relays() lists this database's relay among every database's.
+        let listed = Spi::get_one::<i64>("SELECT count(*) FROM outbox.relays() WHERE database = current_database()");
+        assert_eq!(listed.unwrap(), Some(1));
     }
 
     /// A row as the relay stores it when the dead-letter topic refused the event too.

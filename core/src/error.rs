@@ -54,9 +54,7 @@ pub enum OutboxError {
     /// `wal_level` is below `logical`.
     WalLevelTooLow { current: String },
     /// The relay's replication slot does not exist (yet), so nothing would read the event.
-    SlotMissing { slot: String },
-    /// The slot exists but belongs to another database than the caller's.
-    SlotInOtherDatabase { slot: String },
+    SlotMissing { database: String },
     /// The slot was invalidated (WAL it needed was removed).
     SlotInvalidated { slot: String },
     /// The relay has more WAL to get through than `outbox.max_pending_bytes` allows.
@@ -80,7 +78,6 @@ impl OutboxError {
             NotPreloaded
             | WalLevelTooLow { .. }
             | SlotMissing { .. }
-            | SlotInOtherDatabase { .. }
             | SlotInvalidated { .. }
             | KeyNotLoaded => SqlState::ObjectNotInPrerequisiteState,
             TooMuchPending { .. } => SqlState::ConfigurationLimitExceeded,
@@ -99,12 +96,9 @@ impl OutboxError {
                 Some("Set wal_level = logical in postgresql.conf and restart PostgreSQL.".into())
             }
             SlotMissing { .. } => Some(
-                "The relay makes its slot within a few seconds of CREATE EXTENSION in the database \
-                 named by outbox.database; check outbox.status() and the server log."
+                "The database's relay makes its slot within a few seconds of CREATE EXTENSION; \
+                 check outbox.status() and the server log."
                     .into(),
-            ),
-            SlotInOtherDatabase { .. } => Some(
-                "Events can only be emitted in the database named by outbox.database.".into(),
             ),
             SlotInvalidated { .. } => Some(
                 "The slot lost WAL it needed; see outbox.status() and the README section on slot invalidation."
@@ -160,13 +154,9 @@ impl fmt::Display for OutboxError {
             WalLevelTooLow { current } => {
                 write!(f, "outbox_ext requires wal_level = logical (current setting: {current})")
             }
-            SlotMissing { slot } => write!(
+            SlotMissing { database } => write!(
                 f,
-                "outbox_ext: replication slot \"{slot}\" does not exist, so no relay would read this event"
-            ),
-            SlotInOtherDatabase { slot } => write!(
-                f,
-                "outbox_ext: replication slot \"{slot}\" belongs to another database than this one"
+                "outbox_ext: database \"{database}\" has no relay replication slot, so no relay would read this event"
             ),
             SlotInvalidated { slot } => {
                 write!(f, "outbox_ext: replication slot \"{slot}\" has been invalidated")
@@ -214,8 +204,7 @@ mod tests {
             OutboxError::ArgumentTooLong { argument: "type", size: 1 },
             OutboxError::NotPreloaded,
             OutboxError::WalLevelTooLow { current: "replica".into() },
-            OutboxError::SlotMissing { slot: "s".into() },
-            OutboxError::SlotInOtherDatabase { slot: "s".into() },
+            OutboxError::SlotMissing { database: "d".into() },
             OutboxError::SlotInvalidated { slot: "s".into() },
             OutboxError::TooMuchPending { pending: 2, max: 1 },
             OutboxError::KeyNotLoaded,

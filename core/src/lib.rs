@@ -18,6 +18,7 @@ pub mod event;
 pub mod kafka_settings;
 pub mod latency;
 pub mod routing;
+pub mod slot_name;
 pub mod tracker;
 pub mod uuid7;
 

@@ -2,7 +2,7 @@
 //!
 //! | record part | value |
 //! |---|---|
-//! | topic | `outbox.topic` with `{aggregatetype}` replaced |
+//! | topic | `outbox.topic` with `{database}` and `{aggregatetype}` replaced |
 //! | key | aggregateid, UTF-8 |
 //! | value | the payload's JSON text |
 //! | headers | `id`, `type`, `aggregatetype`, then the event's own headers |
@@ -12,14 +12,21 @@ use crate::error::OutboxError;
 use crate::event::EventRef;
 use crate::uuid7;
 
-/// The placeholder that `outbox.topic` may contain.
+/// The placeholders that `outbox.topic` may contain.
 pub const AGGREGATETYPE_PLACEHOLDER: &str = "{aggregatetype}";
+pub const DATABASE_PLACEHOLDER: &str = "{database}";
 
 /// Kafka's limit on topic name length.
 pub const MAX_TOPIC_LEN: usize = 249;
 
-/// The topic for an aggregatetype under a template (Debezium's `outbox.event.{aggregatetype}`
-/// by default).
+/// The template of one database: `{database}` replaced by its name. Both `emit` (to check the
+/// topic) and the database's relay (to route) apply it once, so the two always agree.
+pub fn database_template(template: &str, database: &str) -> String {
+    template.replace(DATABASE_PLACEHOLDER, database)
+}
+
+/// The topic for an aggregatetype under a database's template (Debezium's
+/// `outbox.event.{aggregatetype}` by default).
 pub fn topic_for(template: &str, aggregatetype: &str) -> String {
     template.replace(AGGREGATETYPE_PLACEHOLDER, aggregatetype)
 }
@@ -40,6 +47,21 @@ pub fn check_topic(topic: &str) -> Result<(), OutboxError> {
         return illegal("it contains characters other than ASCII letters, digits, '.', '_' and '-'");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod database_tests {
+    use super::*;
+
+    #[test]
+    fn the_database_placeholder_is_replaced_once_per_database() {
+        let t = database_template("{database}.outbox.{aggregatetype}", "orders");
+        assert_eq!(topic_for(&t, "Order"), "orders.outbox.Order");
+        // The default template has no {database}: topics keep their names.
+        assert_eq!(topic_for(&database_template("outbox.event.{aggregatetype}", "x"), "Order"), "outbox.event.Order");
+        // A database name that Kafka refuses makes the topic illegal, which emit reports.
+        assert!(check_topic(&topic_for(&database_template("{database}.{aggregatetype}", "my db"), "a")).is_err());
+    }
 }
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).

@@ -70,6 +70,62 @@ pub fn my_database_id() -> u32 {
     unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
+/// The name of the database this backend is connected to.
+pub fn my_database_name() -> String {
+    // SAFETY: get_database_name looks the connected database up in the syscache (inside a
+    // transaction, as every caller is) and returns a palloc'd copy, or NULL if it was dropped.
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            return String::new();
+        }
+        CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
+
+/// Whether a server process with this PID runs (is in the proc array).
+pub fn process_alive(pid: i32) -> bool {
+    // SAFETY: BackendPidGetProc takes ProcArrayLock itself; only the pointer's nullness is used.
+    unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
+}
+
+/// A database the launcher can start a relay in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseRow {
+    pub oid: u32,
+    pub name: String,
+}
+
+/// Every database that accepts connections and is not a template, read from the shared
+/// catalog `pg_database` (the launcher is connected to no database). Must run inside a
+/// transaction.
+pub fn connectable_databases() -> Vec<DatabaseRow> {
+    let mut rows = Vec::new();
+    // SAFETY: inside a transaction, as autovacuum's get_database_list does it: the shared
+    // catalog is opened with AccessShareLock and scanned with a catalog snapshot; each tuple's
+    // fixed-size part is FormData_pg_database, copied out before the next heap_getnext. pg_database
+    // is a heap, so heap_endscan is its scan_end.
+    unsafe {
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let form = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
+            // datconnlimit -2: a database that DROP DATABASE left half-dropped.
+            if form.datallowconn && !form.datistemplate && form.datconnlimit != -2 {
+                let name = CStr::from_ptr(form.datname.data.as_ptr()).to_string_lossy().into_owned();
+                rows.push(DatabaseRow { oid: form.oid.to_u32(), name });
+            }
+        }
+        pg_sys::heap_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    }
+    rows
+}
+
 static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
 
 /// Installs a log hook that keeps `outbox.kafka_properties` out of the server log: on reload
@@ -168,21 +224,36 @@ pub fn before_exit(callback: fn()) {
     unsafe { pg_sys::before_shmem_exit(Some(call), pg_sys::Datum::from(callback as usize)) }
 }
 
-/// The relay worker's main function, set by `_PG_init` before the postmaster starts any
-/// worker (which inherits it).
-static RELAY_MAIN: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+/// The workers' main functions, set by `_PG_init` before the postmaster starts any worker
+/// (which inherits them): the launcher's, and the relay's, which gets its database's oid.
+static LAUNCHER_MAIN: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+static RELAY_MAIN: std::sync::OnceLock<fn(u32)> = std::sync::OnceLock::new();
 
-/// Names the function that `outbox_relay_main`, the worker's exported entry point, runs.
-pub fn set_relay_main(main: fn()) {
-    let _ = RELAY_MAIN.set(main);
+/// Names the functions that the workers' exported entry points run.
+pub fn set_worker_mains(launcher: fn(), relay: fn(u32)) {
+    let _ = LAUNCHER_MAIN.set(launcher);
+    let _ = RELAY_MAIN.set(relay);
 }
 
-/// The background worker's entry point, by the name given to the postmaster.
+/// The launcher's entry point, by the name given to the postmaster.
 #[pg_guard]
 #[no_mangle]
-pub extern "C-unwind" fn outbox_relay_main(_arg: pg_sys::Datum) {
-    let main = RELAY_MAIN.get().expect("_PG_init sets the relay's main function");
+pub extern "C-unwind" fn outbox_launcher_main(_arg: pg_sys::Datum) {
+    let main = LAUNCHER_MAIN.get().expect("_PG_init sets the launcher's main function");
     main();
+}
+
+/// A relay's entry point: its argument is the database's oid (see `relay_argument`).
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn outbox_relay_main(arg: pg_sys::Datum) {
+    let main = RELAY_MAIN.get().expect("_PG_init sets the relay's main function");
+    main(arg.value() as u32);
+}
+
+/// The argument that starts a relay for database `oid`.
+pub fn relay_argument(oid: u32) -> pg_sys::Datum {
+    pg_sys::Datum::from(oid as usize)
 }
 
 /// Ends the worker with `code` after running the usual exit callbacks (which release the

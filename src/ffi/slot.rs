@@ -14,9 +14,8 @@ extern "C-unwind" {
 /// What emit needs to know about the relay's slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotCheck {
-    /// No persistent slot of that name (it may be being created).
+    /// No persistent slot of that name in this database (it may be being created).
     Missing,
-    OtherDatabase,
     Invalidated,
     /// Ready; the slot's confirmed position.
     Ready { confirmed_flush: u64 },
@@ -48,7 +47,7 @@ pub fn check_slot(name: &str) -> SlotCheck {
             return SlotCheck::Missing;
         }
         if database != pg_sys::MyDatabaseId {
-            return SlotCheck::OtherDatabase;
+            return SlotCheck::Missing;
         }
         if compat::slot_invalidated(data) || restart_lsn == 0 {
             return SlotCheck::Invalidated;

@@ -19,11 +19,10 @@ use std::time::Duration;
 /// worker must stop.
 pub fn starting_key(slot: &str, status: &mut StatusWriter) -> Result<Option<InstalledKey>, ()> {
     let table = wait_for_table_key(status)?;
-    let file = KeyFile::for_slot(slot);
-    let copy = file.read();
+    let copy = key_file().read().map(|(key, _)| key);
     Ok(match (table, copy) {
         (Some(current), Some(copy)) if copy == current => {
-            record_key::publish(&current);
+            record_key::publish(&current, slot);
             Some(current)
         }
         (Some(current), None) => {
@@ -98,12 +97,17 @@ pub fn switch_to_current(slot: &str) -> Option<InstalledKey> {
 /// Makes `key` the one the relay keeps for `slot` and `emit` seals with: the copy first, so
 /// that `emit` never seals with a key the relay could lose.
 fn adopt(slot: &str, key: &InstalledKey) {
-    KeyFile::for_slot(slot).write(key);
-    record_key::publish(key);
+    key_file().write(key, slot);
+    record_key::publish(key, slot);
 }
 
 /// The slot is gone: so is the reason to keep its key.
-pub fn forget(slot: &str) {
+pub fn forget() {
     record_key::withdraw();
-    KeyFile::for_slot(slot).remove();
+    key_file().remove();
+}
+
+/// This database's key file.
+fn key_file() -> KeyFile {
+    KeyFile::for_database(crate::ffi::my_database_id())
 }

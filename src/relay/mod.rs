@@ -1,4 +1,5 @@
-//! The relay: a background worker that decodes committed events from its replication slot,
+//! The relay: one background worker per database with the extension (started by
+//! `launcher.rs`), which decodes committed events from its database's replication slot,
 //! produces them to Kafka and confirms the slot only through what Kafka acknowledged.
 //!
 //! * `worker.rs`  — the loop, its states, signals, backoff and confirmation
@@ -17,24 +18,35 @@ pub mod worker;
 
 use crate::gucs;
 use outbox_core::kafka_settings::{self, SettingsError};
-use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
+use outbox_core::routing;
+use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker};
 use std::time::Duration;
 
-/// How long the postmaster waits before starting the worker again after it exits with an
-/// error (or is terminated).
+/// How long the launcher waits before starting a database's relay again after it ended
+/// without being told to (an ERROR, or an operator's pg_terminate_backend).
 pub const RESTART_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Registers the relay worker; called from `_PG_init` while preloading.
-pub fn register_worker() {
-    crate::ffi::set_relay_main(worker::relay_main);
-    BackgroundWorkerBuilder::new("outbox_ext relay")
-        .set_type("outbox_ext relay")
+/// The worker type every relay shows in `pg_stat_activity.backend_type`.
+pub const RELAY_TYPE: &str = "outbox_ext relay";
+
+/// Starts the relay of database `oid` (`name` for `pg_stat_activity`), telling this process
+/// (the launcher) when it starts and stops. None if no background worker slot is free.
+pub fn launch(oid: u32, name: &str) -> Option<DynamicBackgroundWorker> {
+    let mut title = format!("outbox_ext relay {name}");
+    while title.len() > 95 {
+        title.pop();
+    }
+    BackgroundWorkerBuilder::new(&title)
+        .set_type(RELAY_TYPE)
         .set_function("outbox_relay_main")
         .set_library("outbox_ext")
         .enable_spi_access()
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(Some(RESTART_INTERVAL))
-        .load();
+        .set_restart_time(None)
+        .set_argument(Some(crate::ffi::relay_argument(oid)))
+        .set_notify_pid(crate::ffi::my_pid())
+        .load_dynamic()
+        .ok()
 }
 
 /// The settings the relay runs with, copied out of the GUCs on the worker's main thread so
@@ -64,10 +76,12 @@ impl std::fmt::Debug for RelaySettings {
 }
 
 impl RelaySettings {
-    pub fn read() -> RelaySettings {
+    /// The settings of the relay of `database` (its name fills `{database}` in the topic
+    /// template, as `emit` fills it).
+    pub fn read(database: &str) -> RelaySettings {
         RelaySettings {
             bootstrap_servers: gucs::bootstrap_servers(),
-            topic_template: gucs::topic_template(),
+            topic_template: routing::database_template(&gucs::topic_template(), database),
             max_record_bytes: gucs::max_record_bytes(),
             dead_letters: decode::DeadLetterPolicy {
                 on_permanent_error: gucs::on_permanent_error(),

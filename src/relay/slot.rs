@@ -11,6 +11,7 @@
 
 use super::signals::{shutdown_requested, sleep};
 use crate::{catalog_read, ffi};
+use outbox_core::slot_name;
 use crate::record_key;
 use crate::status::{RelayState, StatusWriter};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
@@ -20,11 +21,41 @@ use std::time::{Duration, Instant};
 /// How often an idle relay looks whether the extension still exists.
 const EXTENSION_CHECK: Duration = Duration::from_secs(1);
 
-/// Slot names Postgres accepts: lower-case letters, digits and underscores, at most 63.
-fn valid_slot_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+/// The slot this database's relay serves: the one `outbox.relay_slot` records (the relay made
+/// it, perhaps under an earlier name or naming scheme), else an outbox_ext slot the database
+/// still has (a dropped installation's, with events to deliver), else a new name derived from
+/// the database (`outbox_core::slot_name`).
+pub fn choose_name(database: &str, oid: u32) -> String {
+    let chosen = BackgroundWorker::transaction(|| -> Result<Option<String>, pgrx::spi::Error> {
+        let installed = ffi::extension_installed(false) == Some(true);
+        let recorded = if installed {
+            catalog_read::one::<String>(
+                "SELECT (SELECT slot_name::text FROM outbox.relay_slot ORDER BY created_at DESC LIMIT 1)",
+            )?
+        } else {
+            None
+        };
+        let existing = catalog_read::one::<String>(
+            "SELECT (SELECT slot_name::text FROM pg_catalog.pg_replication_slots
+                     WHERE plugin = 'outbox_ext' AND database = current_database() ORDER BY slot_name LIMIT 1)",
+        )?;
+        Ok(recorded.or(existing))
+    });
+    chosen
+        .unwrap_or_else(|e| error!("outbox_ext: could not look up this database's slot: {e}"))
+        .unwrap_or_else(|| slot_name::for_database(database, oid))
+}
+
+/// How [`wait_for_slot`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SlotWait {
+    /// The slot exists, is this relay's to use, and the extension is installed (or was, and
+    /// the slot still holds its events).
+    Ready,
+    /// The extension is not installed and no slot of it is left: nothing to relay here.
+    NotInstalled,
+    /// SIGTERM: the worker stops.
+    Stop,
 }
 
 /// What the catalogs say about the slot, read in one transaction.
@@ -131,24 +162,36 @@ fn record(slot: &str) {
     .unwrap_or_else(|e| error!("outbox_ext: could not record slot \"{slot}\": {e}"));
 }
 
-/// Waits until the extension exists and the slot is usable, creating the slot the first
-/// time. Returns false if the worker must stop instead.
-pub fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> bool {
-    if !valid_slot_name(slot) {
+/// Waits until the slot is usable, creating it the first time, or finds that the database has
+/// nothing to relay.
+pub fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> SlotWait {
+    if !slot_name::is_valid(slot) {
+        // Only a name recorded by hand could be invalid.
         status.set_state(RelayState::SlotError);
         status.set_error(&format!(
-            "outbox.slot_name \"{slot}\" is not a valid slot name (lower-case letters, digits and underscores)"
+            "slot name \"{slot}\" in outbox.relay_slot is not a valid slot name (lower-case letters, digits and underscores)"
         ));
         while sleep(Duration::from_secs(60)) {}
-        return false;
+        return SlotWait::Stop;
     }
     loop {
         if shutdown_requested() {
-            return false;
+            return SlotWait::Stop;
         }
         let facts = read_facts(slot);
         match facts.plugin.as_deref() {
-            None if !facts.installed => status.set_state(RelayState::NotInstalled),
+            None if !facts.installed => {
+                // Definitive only once no CREATE EXTENSION is running: it may be this
+                // database's, which the relay was started for.
+                if BackgroundWorker::transaction(|| ffi::extension_installed(true)) == Some(false) {
+                    return SlotWait::NotInstalled;
+                }
+                status.set_state(RelayState::NotInstalled);
+                if !sleep(Duration::from_millis(100)) {
+                    return SlotWait::Stop;
+                }
+                continue;
+            }
             None if facts.recorded => {
                 status.set_state(RelayState::SlotError);
                 status.set_error(&missing_slot_error(slot, &facts));
@@ -165,7 +208,7 @@ pub fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> bool {
             Some(p) if p != "outbox_ext" => {
                 status.set_state(RelayState::SlotError);
                 status.set_error(&format!(
-                    "replication slot \"{slot}\" uses output plugin \"{p}\", not outbox_ext; drop it or set outbox.slot_name"
+                    "replication slot \"{slot}\" uses output plugin \"{p}\", not outbox_ext; drop it, or delete its row from outbox.relay_slot"
                 ));
             }
             Some(_) if facts.invalidated.is_some() => {
@@ -181,12 +224,12 @@ pub fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> bool {
                     if facts.installed && !facts.recorded {
                         record(slot);
                     }
-                    return true;
+                    return SlotWait::Ready;
                 }
             },
         }
         if !sleep(Duration::from_secs(1)) {
-            return false;
+            return SlotWait::Stop;
         }
     }
 }

@@ -17,10 +17,11 @@ use super::decode::{EventRouter, Opener, Refused, Routing, ACK_STALL};
 use super::key;
 use super::produce::KafkaProducer;
 use super::signals::{shutdown_requested, sleep, take_reload};
-use super::slot::{self, Due, Retirement};
+use super::slot::{self, Due, Retirement, SlotWait};
 use super::RelaySettings;
 use crate::ffi::{self, DecodeSink, DecodingSession, TxnInfo};
 use crate::gucs;
+use pgrx::pg_sys;
 use crate::record_key::InstalledKey;
 use crate::status::{RelayState, StatusWriter};
 use outbox_core::routing;
@@ -44,15 +45,26 @@ const STANDBY_WAIT_REPORT: Duration = Duration::from_secs(10);
 /// so a shorter one would mostly find nothing new.
 const STANDBY_WAIT_NAP: Duration = Duration::from_millis(10);
 
-/// The relay worker's main function (started through `ffi::outbox_relay_main`).
-pub fn relay_main() {
+/// A relay's main function (started by the launcher through `ffi::outbox_relay_main`), for
+/// the database with oid `database_oid`.
+pub fn relay_main(database_oid: u32) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let mut status = StatusWriter::attach(ffi::my_pid());
-    let database = gucs::database();
-    let slot = gucs::slot_name();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // A database dropped since the launcher saw it ends the worker here (FATAL); the launcher
+    // notices at its next look at pg_database.
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database_oid)), None);
     ffi::allow_own_output_plugin();
-    log!("outbox_ext relay started: database \"{database}\", slot \"{slot}\"");
+    let database = BackgroundWorker::transaction(ffi::my_database_name);
+    let mut status = match StatusWriter::attach(ffi::my_pid(), database_oid, &database) {
+        Ok(status) => status,
+        Err(Some(other)) => {
+            log!("outbox_ext relay: database \"{database}\" already has a relay (process {}); exiting", other.pid);
+            ffi::exit_worker(0);
+        }
+        Err(None) => {
+            warning!("outbox_ext relay: no room for database \"{database}\": at most {} databases have relays", crate::relays::CAPACITY);
+            ffi::exit_worker(0);
+        }
+    };
     if cfg!(feature = "ceiling_sink") {
         warning!("outbox_ext was built with feature ceiling_sink, for benchmarks: events are acknowledged without being sent to Kafka");
     }
@@ -60,10 +72,31 @@ pub fn relay_main() {
         warning!("outbox_ext was built with feature unsealed_emit, for benchmarks: emit writes events the relay skips");
     }
 
-    while slot::wait_for_slot(&slot, &mut status) {
+    let mut announced = false;
+    loop {
+        let slot = slot::choose_name(&database, database_oid);
+        status.set_slot(&slot);
+        match slot::wait_for_slot(&slot, &mut status) {
+            SlotWait::Ready => {}
+            SlotWait::Stop => break,
+            SlotWait::NotInstalled => {
+                if status.not_wanted() {
+                    // CREATE EXTENSION came in while we looked: look again.
+                    continue;
+                }
+                if announced {
+                    log!("outbox_ext relay: database \"{database}\" no longer has extension outbox_ext; its relay exits");
+                }
+                break;
+            }
+        }
+        if !announced {
+            log!("outbox_ext relay started: database \"{database}\" (oid {database_oid}), slot \"{slot}\"");
+            announced = true;
+        }
         let Ok(key) = key::starting_key(&slot, &mut status) else { break };
         ffi::acquire_slot(&slot);
-        let mut relay = Relay::new(status, slot.clone(), key);
+        let mut relay = Relay::new(status, slot.clone(), database.clone(), key);
         let exit = relay.run();
         status = relay.status;
         if exit == Exit::Shutdown {
@@ -71,10 +104,11 @@ pub fn relay_main() {
         }
     }
     status.detach();
-    log!("outbox_ext relay stopped");
-    // Exit code 1: the postmaster starts the relay again after RESTART_INTERVAL, unless the
-    // server is shutting down.
-    ffi::exit_worker(1);
+    if announced {
+        log!("outbox_ext relay stopped: database \"{database}\"");
+    }
+    // The launcher decides whether to start the relay again (see relays.rs).
+    ffi::exit_worker(0);
 }
 
 /// Why `Relay::run` returned.
@@ -105,6 +139,8 @@ impl DecodeSink for EventProbe<'_> {
 struct Relay {
     status: StatusWriter,
     slot: String,
+    /// The database's name, for `{database}` in the topic template.
+    database: String,
     retirement: Retirement,
     /// Opens each message with the key of the installation that sealed it.
     opener: Opener,
@@ -126,13 +162,14 @@ struct Relay {
 }
 
 impl Relay {
-    fn new(status: StatusWriter, slot: String, key: Option<InstalledKey>) -> Relay {
+    fn new(status: StatusWriter, slot: String, database: String, key: Option<InstalledKey>) -> Relay {
         Relay {
             status,
             slot,
+            settings: RelaySettings::read(&database),
+            database,
             retirement: Retirement::new(key.map(|k| k.installation)),
             opener: Opener::new(key.map(|k| k.record_key())),
-            settings: RelaySettings::read(),
             router: None,
             refused: Refused::default(),
             session: None,
@@ -311,7 +348,7 @@ impl Relay {
     /// Picks up new settings after SIGHUP; a Kafka change rebuilds the producer, rewinding
     /// to the confirmed position so nothing in flight is lost.
     fn reload(&mut self) {
-        let new = RelaySettings::read();
+        let new = RelaySettings::read(&self.database);
         if new == self.settings {
             return;
         }
@@ -516,7 +553,7 @@ impl Relay {
         self.session = None;
         self.router = None;
         ffi::drop_held_slot(&self.slot);
-        key::forget(&self.slot);
+        key::forget();
         self.status.set_retiring(false);
         log!(
             "outbox_ext relay: dropped replication slot \"{}\": extension outbox_ext was dropped and every event committed before that was delivered",

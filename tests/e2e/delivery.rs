@@ -52,7 +52,7 @@ fn record_has_topic_key_value_headers_and_commit_timestamp() {
     assert_eq!(pg.sql("SELECT transactions FROM outbox.ack_latency() WHERE le_ms = 'Infinity'"), "1");
     let le_ms: f64 = pg.sql("SELECT min(le_ms) FROM outbox.ack_latency() WHERE transactions = 1").parse().unwrap();
     assert!(le_ms <= observed_ms * 1.1 + 0.1, "ack latency bucket {le_ms} ms, observed {observed_ms:.1} ms");
-    assert_eq!(pg.status("slot_name"), "outbox_ext");
+    assert_eq!(pg.status("slot_name"), "outbox_postgres_5", "outbox_<database>_<oid>");
     assert_ne!(pg.status("last_delivery_at"), "");
     assert_eq!(pg.status("last_error"), "");
     assert!(pg.worker_pid().is_some());
@@ -155,7 +155,7 @@ fn one_transaction_of_100k_events_spills_to_disk_and_worker_memory_stays_bounded
     sampler.join().unwrap();
     let peak_mb = *peak.lock().unwrap();
     let spilled = pg.sql(
-        "SELECT spill_txns || ' ' || pg_size_pretty(spill_bytes) FROM pg_stat_replication_slots WHERE slot_name = 'outbox_ext'",
+        "SELECT spill_txns || ' ' || pg_size_pretty(spill_bytes) FROM pg_stat_replication_slots WHERE slot_name = (SELECT slot_name FROM outbox.status())",
     );
     eprintln!(
         "[100k-event transaction] committed in {committed_in:?}, all consumed after {delivered_in:?}; \

@@ -70,7 +70,7 @@ impl Pair {
             // A running-transactions record lets the primary's slot (and so its copy) move on.
             self.primary.sql("SELECT pg_log_standby_snapshot()");
             self.standby.sql(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_ext' AND synced AND NOT temporary",
+                "SELECT count(*) FROM pg_replication_slots WHERE plugin = 'outbox_ext' AND database = current_database() AND synced AND NOT temporary",
             ) == "1"
         });
     }

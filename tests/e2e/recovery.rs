@@ -117,9 +117,9 @@ fn another_client_cannot_take_the_slot() {
     let topic = "outbox.event.slot";
     let (kafka, pg) = streaming_relay(&[topic], &[]);
     let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
-    let err = pg.sql_error("SELECT * FROM pg_logical_slot_get_changes('outbox_ext', NULL, NULL)");
+    let err = pg.sql_error("SELECT * FROM pg_logical_slot_get_changes((SELECT slot_name FROM outbox.status()), NULL, NULL)");
     assert!(err.starts_with("55006"), "{err}");
-    let err = pg.sql_error("SELECT pg_drop_replication_slot('outbox_ext')");
+    let err = pg.sql_error("SELECT pg_drop_replication_slot((SELECT slot_name FROM outbox.status()))");
     assert!(err.starts_with("55006"), "{err}");
     // A second slot with the extension's plugin cannot be used to read events either: servers
     // with output_plugin_libraries (15.20, 18.6) refuse to create it; the others (16.2, 17.9)

@@ -111,7 +111,7 @@ fn the_relay_decodes_whatever_output_plugin_libraries_allows() {
 fn the_slot_is_a_failover_slot_where_postgresql_has_them() {
     let failover = |pg: &PgCluster| {
         let catalog = pg.sql(
-            "SELECT coalesce((to_jsonb(s) ->> 'failover')::boolean, false) FROM pg_replication_slots s WHERE slot_name = 'outbox_ext'",
+            "SELECT coalesce((to_jsonb(s) ->> 'failover')::boolean, false) FROM pg_replication_slots s WHERE plugin = 'outbox_ext' AND database = current_database()",
         );
         assert_eq!(pg.sql("SELECT slot_failover FROM outbox.status()"), catalog, "status() agrees with pg_replication_slots");
         catalog

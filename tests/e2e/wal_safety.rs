@@ -11,13 +11,13 @@ const MB: i64 = 1024 * 1024;
 fn restart_lag(pg: &PgCluster) -> String {
     pg.sql(
         "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint::text, '')
-         FROM pg_replication_slots WHERE slot_name = 'outbox_ext'
+         FROM pg_replication_slots WHERE plugin = 'outbox_ext' AND database = current_database()
          UNION ALL SELECT '' LIMIT 1",
     )
 }
 
 fn slot_exists(pg: &PgCluster) -> bool {
-    pg.sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_ext'") == "1"
+    pg.sql("SELECT count(*) FROM pg_replication_slots WHERE plugin = 'outbox_ext' AND database = current_database()") == "1"
 }
 
 /// Emits `n` events of `aggregatetype` in one transaction; returns what was committed.
@@ -92,7 +92,7 @@ fn an_invalidated_slot_stops_the_relay_and_is_never_remade() {
         pg.sql("INSERT INTO filler SELECT g, repeat('x', 40) FROM generate_series(1, 20000) g");
         pg.sql("SELECT pg_switch_wal()");
         pg.sql("CHECKPOINT");
-        pg.sql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outbox_ext'") == "lost"
+        pg.sql("SELECT wal_status FROM pg_replication_slots WHERE plugin = 'outbox_ext' AND database = current_database()") == "lost"
     });
     for b in 1..=3 {
         kafka.broker_up(b);
@@ -105,7 +105,7 @@ fn an_invalidated_slot_stops_the_relay_and_is_never_remade() {
     // Nothing is remade behind the operator's back.
     holds_for("slot_error with the lost slot kept", Duration::from_secs(3), || {
         pg.status("state") == "slot_error"
-            && pg.sql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outbox_ext'") == "lost"
+            && pg.sql("SELECT wal_status FROM pg_replication_slots WHERE plugin = 'outbox_ext' AND database = current_database()") == "lost"
     });
     // The operator accepts the loss: a new slot, and events flow again.
     pg.sql("SELECT outbox.reset_slot()");
@@ -123,7 +123,7 @@ fn a_slot_dropped_behind_the_relays_back_is_never_remade() {
     pg.sql(&format!("SELECT pg_terminate_backend({old})"));
     // Between the worker's exit and its restart, the slot is free to drop.
     wait_until("the slot to be dropped", DEADLINE, || {
-        pg.try_sql("SELECT pg_drop_replication_slot('outbox_ext')").is_ok()
+        pg.try_sql("SELECT pg_drop_replication_slot((SELECT slot_name FROM outbox.status()))").is_ok()
     });
     pg.wait_for_state("slot_error", DEADLINE);
     let error = pg.status("last_error");
@@ -183,7 +183,7 @@ fn idle_replication_slot_timeout_spares_a_running_relay_and_is_reported_after_a_
     let (kafka, mut pg) =
         streaming_relay(&[], &[("idle_replication_slot_timeout", "1s"), ("outbox.kafka_properties", props)]);
     let reason = |pg: &PgCluster| {
-        pg.sql("SELECT coalesce(invalidation_reason, 'valid') FROM pg_replication_slots WHERE slot_name = 'outbox_ext'")
+        pg.sql("SELECT coalesce(invalidation_reason, 'valid') FROM pg_replication_slots WHERE plugin = 'outbox_ext' AND database = current_database()")
     };
     // Stopped at an event for a topic that does not exist.
     pg.sql("SELECT outbox.emit('nowhere', 'k', 'T', '{}')");

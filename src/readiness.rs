@@ -44,8 +44,12 @@ fn assert_ready() -> bool {
         );
     }
     // Ask for this database's relay now; it waits for this transaction to end and makes the
-    // slot if it committed.
-    if crate::relays::request(ffi::my_database_id(), &ffi::my_database_name()).is_err() {
+    // slot if it committed. Templates get none (a relay there would block CREATE DATABASE).
+    let template = Spi::get_one::<bool>("SELECT datistemplate FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()")
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    if !template && crate::relays::request(ffi::my_database_id(), &ffi::my_database_name()).is_err() {
         pgrx::ereport!(
             ERROR,
             PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,

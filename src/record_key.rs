@@ -92,7 +92,7 @@ fn published() -> Option<SharedKey> {
 /// them (yet): `SlotMissing` if nothing says the database has a slot at all.
 pub fn for_emit(installation: u32) -> Result<Sealing, OutboxError> {
     let shared = published();
-    if let Some(k) = shared.filter(|k| k.installation == installation) {
+    if let Some(k) = shared.filter(|k| k.installation == installation && installation != 0) {
         let slot = k.slot.as_string();
         return Ok(Sealing { key: sealing_key(InstalledKey { installation, key: k.key }, &slot), slot });
     }
@@ -142,23 +142,47 @@ fn sealing_key(key: InstalledKey, slot: &str) -> RecordKey {
 
 /// Lets `emit` in this database seal events with `key`, for the relay's slot `slot`.
 pub fn publish(key: &InstalledKey, slot: &str) {
+    set_entry(SharedKey { database: ffi::my_database_id(), installation: key.installation, key: key.key, slot: ShortName::new(slot) });
+}
+
+/// Tells `emit` in this database which slot the relay serves before it has a key to publish
+/// (the extension's SQL predates keys, or a dropped installation's events come first): `emit`
+/// then reports the missing key, not a missing slot.
+pub fn announce(slot: &str) {
     let database = ffi::my_database_id();
-    let entry = SharedKey { database, installation: key.installation, key: key.key, slot: ShortName::new(slot) };
-    let mut keys = KEYS.exclusive();
-    let i = keys.entries.iter().position(|k| k.database == database).or_else(|| keys.entries.iter().position(|k| k.database == 0));
-    // As many entries as relays (MAX_RELAYS), and a relay needs one of those to run.
-    let i = i.unwrap_or_else(|| error!("outbox_ext: no room for more than {MAX_RELAYS} databases' keys"));
-    keys.entries[i] = entry;
+    let current = KEYS.share().entries.iter().find(|k| k.database == database).copied();
+    if current.is_none_or(|k| k.slot.as_string() != slot) {
+        set_entry(SharedKey { database, installation: 0, key: [0; KEY_LEN], slot: ShortName::new(slot) });
+    }
 }
 
 /// Stops `emit` in this database from sealing events until the next `publish` (the
-/// installation changed).
+/// installation changed). The slot stays announced.
 pub fn withdraw() {
+    let database = ffi::my_database_id();
+    let mut keys = KEYS.exclusive();
+    if let Some(k) = keys.entries.iter_mut().find(|k| k.database == database) {
+        k.installation = 0;
+        k.key = [0; KEY_LEN];
+    }
+}
+
+/// The relay's slot is gone: `emit` in this database finds neither key nor slot.
+pub fn forget_slot() {
     let database = ffi::my_database_id();
     let mut keys = KEYS.exclusive();
     if let Some(k) = keys.entries.iter_mut().find(|k| k.database == database) {
         *k = SharedKey::default();
     }
+}
+
+fn set_entry(entry: SharedKey) {
+    let mut keys = KEYS.exclusive();
+    let i = keys.entries.iter().position(|k| k.database == entry.database);
+    let i = i.or_else(|| keys.entries.iter().position(|k| k.database == 0));
+    // As many entries as relays (MAX_RELAYS), and a relay needs one of those to run.
+    let i = i.unwrap_or_else(|| error!("outbox_ext: no room for more than {MAX_RELAYS} databases' keys"));
+    keys.entries[i] = entry;
 }
 
 /// What the database says about the current installation's key.

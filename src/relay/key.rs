@@ -103,7 +103,7 @@ fn adopt(slot: &str, key: &InstalledKey) {
 
 /// The slot is gone: so is the reason to keep its key.
 pub fn forget() {
-    record_key::withdraw();
+    record_key::forget_slot();
     key_file().remove();
 }
 

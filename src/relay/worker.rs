@@ -94,6 +94,7 @@ pub fn relay_main(database_oid: u32) {
             log!("outbox_ext relay started: database \"{database}\" (oid {database_oid}), slot \"{slot}\"");
             announced = true;
         }
+        crate::record_key::announce(&slot);
         let Ok(key) = key::starting_key(&slot, &mut status) else { break };
         ffi::acquire_slot(&slot);
         let mut relay = Relay::new(status, slot.clone(), database.clone(), key);

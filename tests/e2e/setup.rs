@@ -20,15 +20,22 @@ fn create_extension_requires_wal_level_logical() {
 }
 
 #[test]
-fn emit_is_refused_outside_the_relayed_database() {
-    let pg = PgCluster::start(&[]);
+fn a_template_gets_no_relay_and_settings_of_0_1_0_are_only_warned_about() {
+    // 0.1.0's settings still start the server; the launcher says they do nothing now.
+    let pg = PgCluster::start(&[("outbox.database", "app"), ("outbox.slot_name", "mine")]);
     pg.wait_for_state("unconfigured", DEADLINE);
-    pg.sql("CREATE DATABASE other");
-    let other = PgCluster::attach(&pg, "other");
-    other.sql("CREATE EXTENSION outbox_ext");
-    let err = other.sql_error("SELECT outbox.emit('a', 'b', 'c', '{}')");
+    outbox_tests::wait_until("the launcher's warning", DEADLINE, || {
+        pg.log().contains("outbox.database is no longer used") && pg.log().contains("outbox.slot_name is no longer used")
+    });
+    // A relay in a template would block CREATE DATABASE from it: templates get none, and emit
+    // there says that no slot would read the event.
+    pg.sql("CREATE DATABASE tmpl IS_TEMPLATE true");
+    let tmpl = PgCluster::attach(&pg, "tmpl");
+    tmpl.sql("CREATE EXTENSION outbox_ext");
+    let err = tmpl.sql_error("SELECT outbox.emit('a', 'b', 'c', '{}')");
     assert!(err.starts_with("55000"), "{err}");
-    assert!(err.contains("another database"), "{err}");
+    assert!(err.contains("has no relay replication slot"), "{err}");
+    pg.sql("CREATE DATABASE copy TEMPLATE tmpl");
 }
 
 #[test]

@@ -66,7 +66,12 @@ fn update_from_the_first_release_authenticates_events_and_matches_a_fresh_instal
     // No Kafka settings yet: events wait in WAL.
     let mut pg = PgCluster::init(&[]);
     pg.sql(&format!("CREATE EXTENSION outbox_ext VERSION '{FIRST_RELEASE}'"));
-    wait_until("the relay to make its slot", DEADLINE, || pg.status("confirmed_lsn") != "");
+    // 0.1.0's status() names the slot by outbox.slot_name, which this library ignores: look
+    // at the database's slot itself. (A database that 0.1.0's library relayed keeps its slot,
+    // recorded in outbox.relay_slot.)
+    wait_until("the relay to make its slot", DEADLINE, || {
+        pg.sql("SELECT count(*) FROM pg_replication_slots WHERE plugin = 'outbox_ext' AND database = current_database() AND confirmed_flush_lsn IS NOT NULL") == "1"
+    });
     assert_eq!(pg.sql("SELECT extversion FROM pg_extension WHERE extname = 'outbox_ext'"), FIRST_RELEASE);
     let current = pg.sql("SELECT default_version FROM pg_available_extensions WHERE name = 'outbox_ext'");
     assert_ne!(current, FIRST_RELEASE, "the build under test must be a later version");

@@ -307,3 +307,7 @@ echo "| streaming 10k events/s, no consumer (peak of samples) | $streaming_mem M
 echo "| draining the $BACKLOG backlog (peak of samples) | $peak_drain MB |"
 } | tee "$OUT"
 echo "(written to $OUT)"
+
+# ---------------------------------------------------------------- several databases
+cleanup
+BENCH_BUILT=1 BENCH_OUT="${OUT%.md}-databases.md" bash scripts/bench-databases.sh

@@ -25,10 +25,13 @@ mod tests {
             .unwrap()
     }
 
-    /// The relay worker makes its slot shortly after the extension is created.
+    /// The relay worker makes its slot shortly after the extension is created. Read-only: a
+    /// query that took a transaction id (as `Spi::get_one` does) would make the slot's creation,
+    /// which waits for every transaction with an id, wait for this test.
     fn wait_for_slot() {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while Spi::get_one::<bool>("SELECT confirmed_lsn IS NOT NULL FROM outbox.status()").unwrap() != Some(true) {
+        let ready = || crate::catalog_read::one::<bool>("SELECT confirmed_lsn IS NOT NULL FROM outbox.status()");
+        while ready().unwrap() != Some(true) {
             assert!(Instant::now() < deadline, "the relay did not create its slot");
             std::thread::sleep(Duration::from_millis(50));
         }

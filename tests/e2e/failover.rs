@@ -24,6 +24,10 @@ use std::time::Duration;
 
 const TOPIC: &str = "outbox.event.orders";
 const TOPICS: &[(&str, i32)] = &[(TOPIC, 3)];
+/// A second relayed database in the failover and switchover scenarios; its orders have the
+/// aggregatetype `billing`, so their own topic.
+const SECOND: &str = "billing";
+const SECOND_TOPIC: &str = "outbox.event.billing";
 /// The standby's physical slot on the primary.
 const STANDBY_SLOT: &str = "standby1";
 
@@ -63,16 +67,33 @@ impl Pair {
         Pair { kafka, primary, standby }
     }
 
-    /// Waits until the standby holds a synchronised copy of the relay's slot that a promotion
-    /// keeps (persistent, not a temporary one still catching up with the primary's).
-    fn wait_for_slot_copy(&self) {
-        wait_until("the standby's copy of the relay's slot", DEADLINE, || {
-            // A running-transactions record lets the primary's slot (and so its copy) move on.
+    /// Waits until the standby holds a synchronised copy of every relay's slot (`slots` of
+    /// them) that a promotion keeps (persistent, not a temporary one still catching up with the
+    /// primary's).
+    fn wait_for_slot_copies(&self, slots: usize) {
+        wait_until("the standby's copies of the relays' slots", DEADLINE, || {
+            // A running-transactions record lets the primary's slots (and so their copies) move on.
             self.primary.sql("SELECT pg_log_standby_snapshot()");
             self.standby.sql(
-                "SELECT count(*) FROM pg_replication_slots WHERE plugin = 'outbox_ext' AND database = current_database() AND synced AND NOT temporary",
-            ) == "1"
+                "SELECT count(*) FROM pg_replication_slots WHERE plugin = 'outbox_ext' AND synced AND NOT temporary",
+            ) == slots.to_string()
         });
+    }
+
+    fn wait_for_slot_copy(&self) {
+        self.wait_for_slot_copies(1);
+    }
+
+    /// A second database with the extension and its own relay on the primary, and the same
+    /// database on the standby.
+    fn add_database(&self, name: &str) -> (PgCluster, PgCluster) {
+        self.kafka.create_topic(SECOND_TOPIC, 3);
+        self.primary.sql(&format!("CREATE DATABASE {name}"));
+        let primary = PgCluster::attach(&self.primary, name);
+        primary.create_extension();
+        primary.wait_for_state("streaming", DEADLINE);
+        primary.sql("CREATE TABLE orders (id bigserial PRIMARY KEY, event_id uuid NOT NULL UNIQUE, customer text NOT NULL)");
+        (primary, PgCluster::attach(&self.standby, name))
     }
 
     /// Promotes the standby and waits for its relay to stream.
@@ -129,9 +150,10 @@ impl Writers {
 fn place_orders(pg: &PgCluster, prefix: &str, n: i64) -> Result<Vec<String>, String> {
     let out = pg.try_sql(&format!(
         "INSERT INTO orders (event_id, customer)
-         SELECT outbox.emit('orders', c, 'OrderPlaced', jsonb_build_object('n', i)), c
+         SELECT outbox.emit('{}', c, 'OrderPlaced', jsonb_build_object('n', i)), c
          FROM (SELECT i, '{prefix}' || (i % 10) AS c FROM generate_series(1, {n}) AS i) s
-         RETURNING event_id"
+         RETURNING event_id",
+        if pg.database == SECOND { SECOND } else { "orders" }
     ))?;
     Ok(out.lines().map(str::to_string).collect())
 }
@@ -146,36 +168,48 @@ fn orders_on(pg: &PgCluster) -> Emitted {
     emitted
 }
 
-/// After the promotion: more orders on the new primary, then everything the new primary holds
-/// must arrive, and then the partitions are read to their end, so that every phantom the old
-/// primary published is seen too.
-fn finish_on_new_primary(p: &Pair, c: &mut Collector) -> Emitted {
-    let writers = Writers::start(&p.standby, 2);
+/// After the promotion: more orders on the new primary (`db`: one of its databases), then
+/// everything the new primary holds must arrive, and then the partitions are read to their end,
+/// so that every phantom the old primary published is seen too.
+fn finish_on_new_primary(db: &PgCluster, c: &mut Collector, topics: &[(&str, i32)]) -> Emitted {
+    let writers = Writers::start(db, 2);
     writers.wait_for_committed(500);
     assert!(!writers.stop().is_empty());
-    let emitted = orders_on(&p.standby);
+    let emitted = orders_on(db);
     c.until_all(&emitted, DEADLINE);
-    c.until_end(TOPICS, DEADLINE);
+    c.until_end(topics, DEADLINE);
     emitted
 }
 
-/// Writers on the primary until events flow, then `stop` it (immediate or fast) with the
-/// writers still running, promote the standby, write on, and check.
+/// Writers in two relayed databases of the primary until events flow, then `stop` it
+/// (immediate or fast) with the writers still running, promote the standby, write on in both,
+/// and check each database against its own topic.
 fn fail_over(stop_mode: &str) {
     let mut p = Pair::start(true, &[]);
-    p.wait_for_slot_copy();
+    let (second, second_on_standby) = p.add_database(SECOND);
+    p.wait_for_slot_copies(2);
     let mut c = Collector::new(&p.kafka.bootstrap, TOPICS);
+    let second_topics = [(SECOND_TOPIC, 3)];
+    let mut c2 = Collector::new(&p.kafka.bootstrap, &second_topics);
     let writers = Writers::start(&p.primary, 2);
+    let writers2 = Writers::start(&second, 1);
     writers.wait_for_committed(3000);
+    writers2.wait_for_committed(1000);
     c.until("events to flow", DEADLINE, |r| r.len() >= 1000);
+    c2.until("events to flow in the second database", DEADLINE, |r| r.len() >= 300);
     p.primary.pg_ctl_stop(stop_mode);
     let acknowledged = writers.stop();
+    writers2.stop();
     // Nothing publishes now: everything the old primary produced is in Kafka.
     c.until_end(TOPICS, DEADLINE);
-    let before = c.records.len();
+    c2.until_end(&second_topics, DEADLINE);
+    let (before, before2) = (c.records.len(), c2.records.len());
     p.promote();
     assert_eq!(p.standby.status("slot_failover"), "true", "the promoted copy is a failover slot too");
-    let emitted = finish_on_new_primary(&p, &mut c);
+    second_on_standby.wait_for_state("streaming", DEADLINE);
+    assert_eq!(second_on_standby.status("slot_failover"), "true");
+    let emitted = finish_on_new_primary(&p.standby, &mut c, TOPICS);
+    let emitted2 = finish_on_new_primary(&second_on_standby, &mut c2, &second_topics);
     let report = check(&emitted, &c.records);
     let held: HashSet<&str> = emitted.committed.iter().map(|(id, _)| id.as_str()).collect();
     eprintln!(
@@ -184,6 +218,8 @@ fn fail_over(stop_mode: &str) {
         acknowledged.len()
     );
     report.assert_ok(&format!("PostgreSQL {}: pg_ctl stop -m {stop_mode}, promote", pg_major()), before);
+    check(&emitted2, &c2.records)
+        .assert_ok(&format!("PostgreSQL {}: pg_ctl stop -m {stop_mode}, promote: database {SECOND}", pg_major()), before2);
 }
 
 #[test]
@@ -242,7 +278,7 @@ fn lagging_standby(wait_for_standby: bool) -> (outbox_tests::Report, HashSet<Str
     c.until_end(TOPICS, DEADLINE);
     let before = c.records.len();
     p.promote();
-    let emitted = finish_on_new_primary(&p, &mut c);
+    let emitted = finish_on_new_primary(&p.standby, &mut c, TOPICS);
     assert!(
         emitted.committed.iter().all(|(id, _)| !lagged.contains(id)),
         "the new primary holds orders committed while its WAL receiver was frozen"

@@ -89,6 +89,7 @@ pub fn write_event(args: EmitArgs<'_>, id: Option<[u8; 16]>, installation: u32) 
     }
 
     let id = id.unwrap_or_else(next_id);
+    ffi::wake_at_commit(sealing.relay_latch);
     if cfg!(feature = "unsealed_emit") {
         // The bench's "before authentication" (see Cargo.toml); the relay skips these.
         ffi::log_event_message(&event::encode(&id, &event));

@@ -72,6 +72,8 @@ thread_local! {
 pub struct Sealing {
     pub key: RecordKey,
     pub slot: String,
+    /// The relay's latch, to wake it at commit (0: unknown; it then finds the event within 1 s).
+    pub relay_latch: usize,
 }
 
 /// This database's published key, if any.
@@ -92,9 +94,10 @@ fn published() -> Option<SharedKey> {
 /// them (yet): `SlotMissing` if nothing says the database has a slot at all.
 pub fn for_emit(installation: u32) -> Result<Sealing, OutboxError> {
     let shared = published();
+    let relay_latch = shared.map_or(0, |k| k.relay_latch);
     if let Some(k) = shared.filter(|k| k.installation == installation && installation != 0) {
         let slot = k.slot.as_string();
-        return Ok(Sealing { key: sealing_key(InstalledKey { installation, key: k.key }, &slot), slot });
+        return Ok(Sealing { key: sealing_key(InstalledKey { installation, key: k.key }, &slot), slot, relay_latch });
     }
     // Not published: the server just started and the relay has not yet (or runs in single-user
     // mode, where no relay runs). The relay's copy is as good if it is this installation's: the
@@ -106,14 +109,14 @@ pub fn for_emit(installation: u32) -> Result<Sealing, OutboxError> {
         cell.borrow()
             .as_ref()
             .filter(|(k, _, _)| k.installation == installation)
-            .map(|(_, r, slot)| Sealing { key: r.clone(), slot: slot.clone() })
+            .map(|(_, r, slot)| Sealing { key: r.clone(), slot: slot.clone(), relay_latch })
     });
     if let Some(sealing) = cached {
         return Ok(sealing);
     }
     match KeyFile::for_database(ffi::my_database_id()).read() {
         Some((copy, slot)) if copy.installation == installation => {
-            Ok(Sealing { key: sealing_key(copy, &slot), slot })
+            Ok(Sealing { key: sealing_key(copy, &slot), slot, relay_latch })
         }
         Some(_) => Err(OutboxError::KeyNotLoaded),
         None if shared.is_some() => Err(OutboxError::KeyNotLoaded),
@@ -142,7 +145,8 @@ fn sealing_key(key: InstalledKey, slot: &str) -> RecordKey {
 
 /// Lets `emit` in this database seal events with `key`, for the relay's slot `slot`.
 pub fn publish(key: &InstalledKey, slot: &str) {
-    set_entry(SharedKey { database: ffi::my_database_id(), installation: key.installation, key: key.key, slot: ShortName::new(slot) });
+    let relay_latch = crate::ffi::shmem::my_latch();
+    set_entry(SharedKey { database: ffi::my_database_id(), installation: key.installation, key: key.key, slot: ShortName::new(slot), relay_latch });
 }
 
 /// Tells `emit` in this database which slot the relay serves before it has a key to publish
@@ -152,7 +156,8 @@ pub fn announce(slot: &str) {
     let database = ffi::my_database_id();
     let current = KEYS.share().entries.iter().find(|k| k.database == database).copied();
     if current.is_none_or(|k| k.slot.as_string() != slot) {
-        set_entry(SharedKey { database, installation: 0, key: [0; KEY_LEN], slot: ShortName::new(slot) });
+        let relay_latch = crate::ffi::shmem::my_latch();
+        set_entry(SharedKey { database, installation: 0, key: [0; KEY_LEN], slot: ShortName::new(slot), relay_latch });
     }
 }
 

@@ -83,6 +83,75 @@ pub fn my_database_name() -> String {
     }
 }
 
+thread_local! {
+    /// The latch to set when the current transaction commits (0: none), and whether this
+    /// backend registered its transaction callback.
+    static WAKE_AT_COMMIT: std::cell::Cell<(usize, bool)> = const { std::cell::Cell::new((0, false)) };
+}
+
+/// Sets `latch` (an address from `shmem::my_latch`) when the current transaction commits, so
+/// that the database's relay, asleep while idle, decodes the commit at once. Nothing happens
+/// if the transaction aborts or is prepared (the relay then finds the commit at its next look).
+pub fn wake_at_commit(latch: usize) {
+    #[pg_guard]
+    unsafe extern "C-unwind" fn at_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+        use pg_sys::XactEvent::*;
+        if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PARALLEL_ABORT) {
+            let (latch, registered) = WAKE_AT_COMMIT.get();
+            WAKE_AT_COMMIT.set((0, registered));
+            if event == XACT_EVENT_COMMIT {
+                super::shmem::set_latch(latch);
+            }
+        }
+    }
+    let (_, registered) = WAKE_AT_COMMIT.get();
+    if !registered {
+        // SAFETY: registers a pg_guard'ed function of this library, loaded for the backend's
+        // life, once per backend; it only touches this thread's state and the latch.
+        unsafe { pg_sys::RegisterXactCallback(Some(at_end), std::ptr::null_mut()) };
+    }
+    WAKE_AT_COMMIT.set((latch, true));
+}
+
+extern "C" {
+    /// utils/elog.h (`errcontext`): adds a CONTEXT line to the message being reported.
+    fn errcontext_msg(fmt: *const std::ffi::c_char, ...) -> std::ffi::c_int;
+}
+
+static LOG_CONTEXT: std::sync::OnceLock<CString> = std::sync::OnceLock::new();
+
+/// Adds `context` (for example `outbox_ext relay of database "orders"`) as the CONTEXT of every
+/// message this process reports from now on, PostgreSQL's own included, so that the server log
+/// says which database's relay wrote each line. Once per process.
+pub fn set_log_context(context: &str) {
+    #[pg_guard]
+    unsafe extern "C-unwind" fn add_context(_arg: *mut std::ffi::c_void) {
+        if let Some(text) = LOG_CONTEXT.get() {
+            // SAFETY: called by errfinish while a message is being built, which is when
+            // errcontext may be called; "%s" takes the NUL-terminated text, which lives in a
+            // static until the process exits.
+            unsafe {
+                pg_sys::set_errcontext_domain(std::ptr::null());
+                errcontext_msg(c"%s".as_ptr(), text.as_ptr());
+            }
+        }
+    }
+    let Ok(text) = CString::new(context) else { return };
+    if LOG_CONTEXT.set(text).is_err() {
+        return;
+    }
+    // SAFETY: error_context_stack is the main thread's list of callbacks; the entry is leaked,
+    // so it outlives every message. Error recovery that resets the stack only drops the context.
+    unsafe {
+        let entry = Box::leak(Box::new(pg_sys::ErrorContextCallback {
+            previous: pg_sys::error_context_stack,
+            callback: Some(add_context),
+            arg: std::ptr::null_mut(),
+        }));
+        pg_sys::error_context_stack = entry;
+    }
+}
+
 /// Whether a server process with this PID runs (is in the proc array).
 pub fn process_alive(pid: i32) -> bool {
     // SAFETY: BackendPidGetProc takes ProcArrayLock itself; only the pointer's nullness is used.

@@ -132,6 +132,8 @@ pub struct SharedKey {
     pub key: [u8; outbox_core::auth::KEY_LEN],
     /// The relay's slot, which will read what emit seals with this key.
     pub slot: ShortName,
+    /// The relay's latch (see `my_latch`), which emit sets when its transaction commits.
+    pub relay_latch: usize,
 }
 
 impl Default for ShortName {

@@ -115,7 +115,7 @@ const RESET: &str = "compare Kafka with your data, then run SELECT outbox.reset_
 
 /// Why a slot that `outbox.relay_slot` lists is missing, and what to do.
 fn missing_slot_error(slot: &str, facts: &SlotFacts) -> String {
-    if !facts.recorded_timeline.is_some_and(|t| facts.timeline > t) {
+    if facts.recorded_timeline.is_none_or(|t| facts.timeline <= t) {
         return format!(
             "replication slot \"{slot}\" was dropped behind the relay's back: events committed before that and not yet delivered are lost; {RESET}"
         );

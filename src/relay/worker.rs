@@ -1,4 +1,6 @@
-//! The relay worker: one loop that decodes, produces, collects acknowledgements and confirms.
+//! One database's relay worker. Its life is a sequence of phases (`Phase`: looking for the
+//! extension and the slot, finding the key, relaying, done); while relaying, one loop decodes,
+//! produces, collects acknowledgements and confirms, through these states:
 //!
 //! ```text
 //! starting ─▶ unconfigured ◀─▶ streaming ◀─▶ kafka_unavailable
@@ -39,6 +41,13 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long SIGTERM waits for in-flight events to be acknowledged before exiting.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+/// The longest an idle relay sleeps: emit's commits wake it, and it looks at its installation
+/// (see `slot::Retirement`) and at WAL that no emit announced (prepared transactions committed
+/// later, other databases' WAL to confirm past) at least this often.
+const IDLE_SLEEP: Duration = Duration::from_secs(1);
+/// How far WAL's insert position runs ahead of the end of its last record with nothing new
+/// written (alignment, a page header), so that an idle relay does not take it for new WAL.
+const WAL_SLACK: u64 = 64;
 /// How long decoding waits for the standbys before `last_error` says so.
 const STANDBY_WAIT_REPORT: Duration = Duration::from_secs(10);
 /// The nap while decoding waits for the standbys. A standby reports each flush as it happens,
@@ -54,7 +63,8 @@ pub fn relay_main(database_oid: u32) {
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database_oid)), None);
     ffi::allow_own_output_plugin();
     let database = BackgroundWorker::transaction(ffi::my_database_name);
-    let mut status = match StatusWriter::attach(ffi::my_pid(), database_oid, &database) {
+    ffi::set_log_context(&format!("outbox_ext relay of database \"{database}\""));
+    let status = match StatusWriter::attach(ffi::my_pid(), database_oid, &database) {
         Ok(status) => status,
         Err(Some(other)) => {
             log!("outbox_ext relay: database \"{database}\" already has a relay (process {}); exiting", other.pid);
@@ -71,45 +81,91 @@ pub fn relay_main(database_oid: u32) {
     if cfg!(feature = "unsealed_emit") {
         warning!("outbox_ext was built with feature unsealed_emit, for benchmarks: emit writes events the relay skips");
     }
-
-    let mut announced = false;
+    let mut life = Life { database, oid: database_oid, announced: false };
+    let mut phase = Phase::Looking(status);
     loop {
-        let slot = slot::choose_name(&database, database_oid);
-        status.set_slot(&slot);
-        match slot::wait_for_slot(&slot, &mut status) {
-            SlotWait::Ready => {}
-            SlotWait::Stop => break,
-            SlotWait::NotInstalled => {
-                if status.not_wanted() {
-                    // CREATE EXTENSION came in while we looked: look again.
-                    continue;
-                }
-                if announced {
-                    log!("outbox_ext relay: database \"{database}\" no longer has extension outbox_ext; its relay exits");
-                }
+        phase = match phase {
+            Phase::Done(mut status) => {
+                status.detach();
                 break;
             }
-        }
-        if !announced {
-            log!("outbox_ext relay started: database \"{database}\" (oid {database_oid}), slot \"{slot}\"");
-            announced = true;
-        }
-        crate::record_key::announce(&slot);
-        let Ok(key) = key::starting_key(&slot, &mut status) else { break };
-        ffi::acquire_slot(&slot);
-        let mut relay = Relay::new(status, slot.clone(), database.clone(), key);
-        let exit = relay.run();
-        status = relay.status;
-        if exit == Exit::Shutdown {
-            break;
-        }
+            other => life.step(other),
+        };
     }
-    status.detach();
-    if announced {
-        log!("outbox_ext relay stopped: database \"{database}\"");
+    if life.announced {
+        log!("outbox_ext relay stopped: database \"{}\"", life.database);
     }
     // The launcher decides whether to start the relay again (see relays.rs).
     ffi::exit_worker(0);
+}
+
+/// Where a relay is in its life. Each phase owns what it works with and hands it to the next:
+///
+/// ```text
+/// Looking ──slot usable──▶ Keying ──key loaded──▶ Relaying ──extension dropped, slot retired──▶ Looking
+///    │                       │                      │
+///    └─ no extension, no slot, or SIGTERM ──────────┴── SIGTERM ──▶ Done
+/// ```
+enum Phase {
+    /// Looking for the extension and the database's slot (made here the first time); holds
+    /// no slot.
+    Looking(StatusWriter),
+    /// The slot is usable: finding the key that opens its records.
+    Keying(StatusWriter, String),
+    /// Holding the slot: decoding, producing and confirming.
+    Relaying(Box<Relay>),
+    /// Nothing (more) to relay in this database, or the worker was told to stop.
+    Done(StatusWriter),
+}
+
+/// What stays the same through a relay's phases.
+struct Life {
+    database: String,
+    oid: u32,
+    /// Whether the log said the relay started (only once it has a slot to serve).
+    announced: bool,
+}
+
+impl Life {
+    fn step(&mut self, phase: Phase) -> Phase {
+        match phase {
+            Phase::Looking(mut status) => {
+                let slot = slot::choose_name(&self.database, self.oid);
+                status.set_slot(&slot);
+                match slot::wait_for_slot(&slot, &mut status) {
+                    SlotWait::Ready => Phase::Keying(status, slot),
+                    SlotWait::Stop => Phase::Done(status),
+                    // CREATE EXTENSION came in while we looked: look again.
+                    SlotWait::NotInstalled if status.not_wanted() => Phase::Looking(status),
+                    SlotWait::NotInstalled => {
+                        if self.announced {
+                            log!("outbox_ext relay: database \"{}\" no longer has extension outbox_ext; its relay exits", self.database);
+                        }
+                        Phase::Done(status)
+                    }
+                }
+            }
+            Phase::Keying(mut status, slot) => {
+                crate::record_key::announce(&slot);
+                match key::starting_key(&slot, &mut status) {
+                    Ok(key) => {
+                        if !self.announced {
+                            self.announced = true;
+                            log!("outbox_ext relay started: database \"{}\" (oid {}), slot \"{slot}\"", self.database, self.oid);
+                        }
+                        ffi::acquire_slot(&slot);
+                        Phase::Relaying(Box::new(Relay::new(status, slot, self.database.clone(), key)))
+                    }
+                    Err(()) => Phase::Done(status),
+                }
+            }
+            Phase::Relaying(mut relay) => match relay.run() {
+                Exit::Shutdown => Phase::Done(relay.status),
+                Exit::Retired => Phase::Looking(relay.status),
+            },
+            done @ Phase::Done(_) => done,
+        }
+    }
 }
 
 /// Why `Relay::run` returned.
@@ -268,14 +324,18 @@ impl Relay {
                         return Exit::Retired;
                     }
                 }
-                // 1 ms naps keep latency low while events flow or await acknowledgement; after
-                // a second of quiet, 10 ms naps keep an idle relay cheap.
+                // 1 ms naps keep latency low while events flow or await acknowledgement. After a
+                // second of quiet: 10 ms naps while WAL is written that is not decoded yet (not
+                // flushed, or another database's), else a long sleep that emit's commit cuts
+                // short (`ffi::wake_at_commit`), so that idle relays cost next to nothing.
                 let nap = if self.standby_wait.is_some() {
                     STANDBY_WAIT_NAP
                 } else if in_flight || self.idle_streak < 1000 {
                     Duration::from_millis(1)
-                } else {
+                } else if ffi::wal_insert_lsn() > self.session.as_ref().map_or(0, |s| s.decoded_upto()) + WAL_SLACK {
                     Duration::from_millis(10)
+                } else {
+                    IDLE_SLEEP
                 };
                 sleep(nap);
             } else {

@@ -173,6 +173,10 @@ fn a_crash_between_create_extension_and_the_slot_loses_nothing() {
     let late = PgCluster::attach(&pg, "late");
     let mut blocker = pg.session();
     blocker.send("BEGIN; SELECT txid_current();");
+    // psql runs it when it reads it: wait until the transaction holds its id.
+    wait_until("the blocking transaction", DEADLINE, || {
+        pg.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND state = 'idle in transaction'") == "1"
+    });
     late.sql("CREATE EXTENSION outbox_ext");
     wait_until("late's relay to wait for the slot", DEADLINE, || {
         late.sql("SELECT state FROM outbox.relays() WHERE database = 'late'") == "starting"

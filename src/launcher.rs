@@ -12,8 +12,12 @@
 //! * A relay that ends while still wanted (an ERROR, pg_terminate_backend) is started again
 //!   after `RESTART_INTERVAL`; the others are not touched. The postmaster tells the launcher
 //!   when a relay starts or stops, which wakes it.
+//! * A safety net that needs no message to arrive: every `SCAN_INTERVAL`, each database that
+//!   has a replication slot of ours (read from shared memory) is marked wanted, so a database
+//!   whose relay was lost, whatever the cause, gets one again within that time. Between
+//!   CREATE EXTENSION's commit and the slot's creation the request is what keeps it wanted.
 //!
-//! Which entries exist and who may change them: `relays.rs`.
+//! Which entries exist and who may change them, and why no request is lost: `relays.rs`.
 
 use crate::ffi::{self, shmem};
 use crate::relay::signals::{shutdown_requested, sleep, take_reload};
@@ -101,16 +105,24 @@ struct Launcher {
 }
 
 impl Launcher {
-    /// Reads pg_database: a relay looks at each new database; entries of dropped ones go.
+    /// Reads pg_database: a relay looks at each new database, and runs in every database with
+    /// a slot of ours (the safety net); entries of dropped ones go.
     fn scan(&mut self) {
         let databases = BackgroundWorker::transaction(ffi::connectable_databases);
         let present: HashSet<u32> = databases.iter().map(|d| d.oid).collect();
+        let with_slots = ffi::databases_with_relay_slots();
         for db in &databases {
-            if self.known.contains(&db.oid) {
+            let has_slot = with_slots.contains(&db.oid);
+            if self.known.contains(&db.oid) && !has_slot {
                 continue;
             }
             match relays::want(db.oid, &db.name) {
-                Ok(()) => {
+                Ok(newly) => {
+                    // The safety net: requests (relays.rs) keep every database with the
+                    // extension wanted; one with a slot of ours that is not has lost its relay.
+                    if newly && has_slot && self.known.contains(&db.oid) {
+                        log!("outbox_ext launcher: database \"{}\" has a replication slot of outbox_ext but no relay; starting one", db.name);
+                    }
                     self.known.insert(db.oid);
                 }
                 Err(_) if !self.short_of_entries => {

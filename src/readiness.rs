@@ -6,6 +6,7 @@ use crate::ffi;
 use outbox_core::OutboxError;
 use pgrx::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 /// Set by `_PG_init` when the postmaster preloads the library. Backends inherit it by fork.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
@@ -49,6 +50,10 @@ fn assert_ready() -> bool {
         .ok()
         .flatten()
         .unwrap_or(false);
+    // Held until this transaction ends: the relay cannot conclude that there is no extension
+    // while it runs (see relays.rs).
+    ffi::lock_installation();
+    wait_for_retirement();
     if !template && crate::relays::request(ffi::my_database_id(), &ffi::my_database_name()).is_err() {
         pgrx::ereport!(
             ERROR,
@@ -57,15 +62,29 @@ fn assert_ready() -> bool {
             "Drop the extension in a database that no longer needs it."
         );
     }
-    if crate::status::relay_retiring() {
-        pgrx::ereport!(
-            ERROR,
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "the outbox_ext relay is dropping the replication slot of the previous installation",
-            "Try again in a moment."
-        );
-    }
     true
+}
+
+/// How long CREATE EXTENSION waits for the relay to drop the slot of a dropped installation.
+const RETIREMENT_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits while this database's relay drops the slot of the previous installation, which takes
+/// moments. The relay only starts that once it holds the installation lock (which the caller
+/// now holds), so nothing new starts while we wait.
+fn wait_for_retirement() {
+    let deadline = Instant::now() + RETIREMENT_WAIT;
+    while crate::status::relay_retiring() {
+        if Instant::now() >= deadline {
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "the outbox_ext relay is dropping the replication slot of the previous installation",
+                "Try again in a moment."
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        pgrx::check_for_interrupts!();
+    }
 }
 
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "assert_ready_at_create", finalize);

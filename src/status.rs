@@ -89,26 +89,23 @@ pub struct AlreadyRunning {
 /// lock is taken once per loop iteration, not per event.
 pub struct StatusWriter {
     index: usize,
-    /// The entry's `requests` when the relay attached (see `relays.rs`).
-    requests_seen: u64,
     state: RelayState,
     /// Latencies measured since the last publish.
     ack_latency: LatencyHistogram,
 }
 
 impl StatusWriter {
-    /// Attaches the relay of `database` to its entry (made if the launcher has not). Err if
-    /// another live relay holds it, or if the table is full.
+    /// Attaches the relay of `database` to its entry (made, wanted, if the launcher has not).
+    /// Err if another live relay holds it, or if the table is full.
     pub fn attach(pid: i32, database: u32, name: &str) -> Result<StatusWriter, Option<AlreadyRunning>> {
-        let (index, requests_seen) = {
+        let index = {
             let mut relays = RELAYS.exclusive();
             let index = match relays::index_of(&relays, database) {
                 Some(i) => i,
                 None => {
-                    drop(relays);
-                    relays::want(database, name).map_err(|_| None)?;
-                    relays = RELAYS.exclusive();
-                    relays::index_of(&relays, database).ok_or(None)?
+                    let i = relays::claim(&mut relays, database, name).ok_or(None)?;
+                    relays.entries[i].wanted = true;
+                    i
                 }
             };
             let e = &mut relays.entries[index];
@@ -118,12 +115,12 @@ impl StatusWriter {
             e.worker_pid = pid;
             e.state = RelayState::Starting as u8;
             e.database_name = ShortName::new(name);
-            (index, e.requests)
+            index
         };
         MY_ENTRY.store(index, Ordering::Relaxed);
         // However the worker ends (even by an ERROR), it no longer shows as running.
         crate::ffi::before_exit(clear_on_exit);
-        Ok(StatusWriter { index, requests_seen, state: RelayState::Starting, ack_latency: LatencyHistogram::default() })
+        Ok(StatusWriter { index, state: RelayState::Starting, ack_latency: LatencyHistogram::default() })
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut RelayEntry) -> R) -> R {
@@ -207,19 +204,17 @@ impl StatusWriter {
         self.with(|e| e.retiring = retiring);
     }
 
-    /// The extension is not installed and no slot holds events: unless a CREATE EXTENSION came
-    /// in since the relay attached, the launcher is not to start a relay here again. Returns
-    /// whether it came in (the launcher then starts one at once).
-    pub fn not_wanted(&mut self) -> bool {
-        let seen = self.requests_seen;
-        self.with(|e| {
-            if e.requests == seen {
-                e.wanted = false;
-                false
-            } else {
-                true
-            }
-        })
+    /// How many times CREATE EXTENSION asked for this database's relay (see `relays.rs`): read
+    /// before looking for the extension, and given back to [`give_up`](Self::give_up).
+    pub fn requests(&self) -> u64 {
+        RELAYS.share().entries[self.index].requests
+    }
+
+    /// No extension and no slot were found after `seen` requests, under the installation lock:
+    /// the launcher is not to start a relay here again, unless a request came in since.
+    /// Returns whether the relay may exit.
+    pub fn give_up(&mut self, seen: u64) -> bool {
+        relays::give_up(self.index, seen)
     }
 
     pub fn detach(&mut self) {

@@ -23,7 +23,7 @@ pub mod wal_message;
 
 pub use decoding::{DecodeSink, DecodingSession, TxnInfo};
 pub use server::*;
-pub use slot::{acquire_slot, check_slot, create_slot, drop_held_slot, slot_active_pid, SlotCheck};
+pub use slot::{acquire_slot, check_slot, create_slot, databases_with_relay_slots, drop_held_slot, slot_active_pid, SlotCheck};
 pub use wal_message::{log_event_message, JsonbText};
 
 /// Runs a call into Postgres so that an ERROR raised inside it unwinds as a Rust panic (which

@@ -356,19 +356,61 @@ pub fn allow_own_output_plugin() {
     }
 }
 
-/// Whether extension `outbox_ext` exists in this database. Must run inside a transaction.
-/// With `after_writers`, first waits for no transaction to be creating or dropping an
-/// extension (a share lock on pg_extension, held until the caller's transaction ends); returns
-/// None if one is, so that the caller tries again later instead of blocking.
-pub fn extension_installed(after_writers: bool) -> Option<bool> {
-    // SAFETY: inside a transaction. ConditionalLockRelationOid takes a lock that the
-    // transaction's end releases; acquiring it processes invalidations, so the catalog lookup
-    // that follows sees every transaction that committed before we got the lock.
+/// Lock class of the installation lock, in the advisory lock space: SQL's `pg_advisory_*`
+/// functions use classes 1 and 2 only, so no session can take or release this lock by hand.
+/// `pg_locks` shows it as an advisory lock with `classid` 0x6f757462, `objid` 0x6f786578 and
+/// `objsubid` 0x6f78.
+const INSTALLATION_LOCK_CLASS: u16 = 0x6f78;
+
+/// The lock that orders `CREATE EXTENSION outbox_ext` against this database's relay (the
+/// protocol is in `relays.rs`): CREATE EXTENSION takes it exclusively before it asks for a
+/// relay and keeps it until its transaction ends; a relay takes it shared to look for the
+/// extension. A lock on pg_extension would not do: CREATE EXTENSION releases that one as soon
+/// as it has inserted its row, long before it commits.
+fn installation_locktag() -> pg_sys::LOCKTAG {
+    pg_sys::LOCKTAG {
+        // SAFETY: MyDatabaseId is a backend-local global, set at connection start.
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: 0x6f75_7462,
+        locktag_field3: 0x6f78_6578,
+        locktag_field4: INSTALLATION_LOCK_CLASS,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+    }
+}
+
+/// Takes this database's installation lock exclusively until the current transaction ends,
+/// waiting (as any lock wait: cancellable, with deadlock detection) for relays looking at the
+/// catalogs this moment. For CREATE EXTENSION.
+pub fn lock_installation() {
+    let tag = installation_locktag();
+    // SAFETY: inside a transaction; a transaction-level lock (sessionLock = false) is released
+    // by the transaction's end, commit or abort. An ERROR (a cancelled wait) unwinds through
+    // pgrx's guarded binding.
     unsafe {
-        if after_writers
-            && !pg_sys::ConditionalLockRelationOid(pg_sys::ExtensionRelationId, pg_sys::ShareLock as i32)
-        {
-            return None;
+        pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, false);
+    }
+}
+
+/// Whether extension `outbox_ext` exists in this database. Must run inside a transaction.
+/// With `after_writers`, first takes the installation lock shared (until the caller's
+/// transaction ends), so that the answer counts every CREATE EXTENSION that has asked for a
+/// relay: such a one has either committed, and is seen, or ended without. Returns None if one
+/// is still running, so that the caller tries again later instead of blocking.
+pub fn extension_installed(after_writers: bool) -> Option<bool> {
+    // SAFETY: inside a transaction. The lock is transaction-level (released at its end). Once
+    // it is held, invalidations are processed and the catalog snapshot dropped, as
+    // LockRelationOid does after a lock, so that the lookup sees every transaction that
+    // committed before the lock was granted.
+    unsafe {
+        if after_writers {
+            let tag = installation_locktag();
+            let got = pg_sys::LockAcquire(&tag, pg_sys::ShareLock as pg_sys::LOCKMODE, false, true);
+            if got == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
+                return None;
+            }
+            pg_sys::AcceptInvalidationMessages();
+            pg_sys::InvalidateCatalogSnapshot();
         }
         Some(pg_sys::get_extension_oid(c"outbox_ext".as_ptr(), true) != pg_sys::InvalidOid)
     }
@@ -378,6 +420,27 @@ pub fn extension_installed(after_writers: bool) -> Option<bool> {
 pub fn wal_insert_lsn() -> u64 {
     // SAFETY: GetXLogInsertRecPtr reads shared state under its own spinlock.
     unsafe { pg_sys::GetXLogInsertRecPtr() }
+}
+
+/// Where the last record inserted into WAL ends: the insert position, less the page header it
+/// points past when the next record starts a page (PostgreSQL's XLogBytePosToEndRecPtr; 17 and
+/// later export it as GetXLogInsertEndRecPtr). A reader whose `EndRecPtr` reached this has read
+/// every record inserted so far; the insert position itself may lie a header beyond what any
+/// reader reaches until more WAL is written.
+pub fn wal_insert_end_lsn() -> u64 {
+    const fn maxalign(n: usize) -> u64 {
+        n.next_multiple_of(8) as u64
+    }
+    let lsn = wal_insert_lsn();
+    // SAFETY: wal_segment_size is set at start-up from the control file and never changes.
+    let segment = unsafe { pg_sys::wal_segment_size } as u64;
+    if segment > 0 && lsn % segment == maxalign(size_of::<pg_sys::XLogLongPageHeaderData>()) {
+        lsn - maxalign(size_of::<pg_sys::XLogLongPageHeaderData>())
+    } else if lsn % pg_sys::XLOG_BLCKSZ as u64 == maxalign(size_of::<pg_sys::XLogPageHeaderData>()) {
+        lsn - maxalign(size_of::<pg_sys::XLogPageHeaderData>())
+    } else {
+        lsn
+    }
 }
 
 

@@ -129,3 +129,43 @@ pub fn drop_held_slot(name: &str) {
         pg_sys::ReplicationSlotDrop(cname.as_ptr(), true);
     }
 }
+
+/// `ReplicationSlotControlLock`, a macro pgrx does not bind: entry 37 of the main LWLock
+/// array on 15, 16, 17 and 18 alike (lwlocknames.h, lwlocklist.h).
+const REPLICATION_SLOT_CONTROL_LOCK: usize = 37;
+
+/// The databases that have a persistent logical slot with outbox_ext as its output plugin:
+/// each has the extension, or events of a dropped installation still to deliver, and so needs
+/// its relay. For the launcher, which is connected to no database and reads shared memory only.
+pub fn databases_with_relay_slots() -> Vec<u32> {
+    let mut databases = Vec::new();
+    // SAFETY: the slot array lives in shared memory for the server's life, with
+    // max_replication_slots entries; `in_use` only changes under ReplicationSlotControlLock held
+    // exclusively, so no slot is freed or reused while we hold it shared. A slot's database
+    // and plugin are written once, while it is created and still ephemeral; the copy of its
+    // persistent data is taken without the slot's spinlock (a volatile read, no reference to
+    // shared memory), so a slot in the middle of being made may read wrongly. The answer is a
+    // hint for the launcher: a wrong one costs a relay that looks and exits, or a wait for the
+    // next scan. LWLockAcquire cannot raise, and nothing between it and the release can.
+    unsafe {
+        let lock = std::ptr::addr_of_mut!((*pg_sys::MainLWLockArray.add(REPLICATION_SLOT_CONTROL_LOCK)).lock);
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_SHARED);
+        let slots = std::ptr::addr_of!((*pg_sys::ReplicationSlotCtl).replication_slots).cast::<pg_sys::ReplicationSlot>();
+        for i in 0..pg_sys::max_replication_slots.max(0) as usize {
+            let slot = slots.add(i);
+            if !std::ptr::addr_of!((*slot).in_use).read_volatile() {
+                continue;
+            }
+            let data = std::ptr::addr_of!((*slot).data).read_volatile();
+            let plugin = std::ffi::CStr::from_ptr(data.plugin.data.as_ptr());
+            if data.database != pg_sys::InvalidOid
+                && data.persistency == pg_sys::ReplicationSlotPersistency::RS_PERSISTENT
+                && plugin.to_bytes() == b"outbox_ext"
+            {
+                databases.push(data.database.to_u32());
+            }
+        }
+        pg_sys::LWLockRelease(lock);
+    }
+    databases
+}

@@ -8,12 +8,14 @@
 //! * `slot.rs`    — the replication slot's lifetime: made, guarded, retired with the extension
 //! * `key.rs`     — which key the relay opens its slot's records with
 //! * `signals.rs` — SIGTERM and SIGHUP, latched, and the latch sleep
+//! * `test_hooks.rs` — where a test build lets the end-to-end tests hold a relay
 
 pub mod decode;
 pub mod key;
 pub mod produce;
 pub mod signals;
 pub mod slot;
+pub mod test_hooks;
 pub mod worker;
 
 use crate::gucs;

@@ -10,6 +10,7 @@
 //! ```
 
 use super::signals::{shutdown_requested, sleep};
+use super::test_hooks;
 use crate::{catalog_read, ffi};
 use outbox_core::slot_name;
 use crate::record_key;
@@ -52,7 +53,8 @@ pub enum SlotWait {
     /// The slot exists, is this relay's to use, and the extension is installed (or was, and
     /// the slot still holds its events).
     Ready,
-    /// The extension is not installed and no slot of it is left: nothing to relay here.
+    /// The extension is not installed, no slot of it is left, and no CREATE EXTENSION asked
+    /// for a relay meanwhile: the relay is no longer wanted and exits.
     NotInstalled,
     /// SIGTERM: the worker stops.
     Stop,
@@ -164,7 +166,7 @@ fn record(slot: &str) {
 
 /// Waits until the slot is usable, creating it the first time, or finds that the database has
 /// nothing to relay.
-pub fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> SlotWait {
+pub fn wait_for_slot(slot: &str, database: &str, status: &mut StatusWriter) -> SlotWait {
     if !slot_name::is_valid(slot) {
         // Only a name recorded by hand could be invalid.
         status.set_state(RelayState::SlotError);
@@ -181,9 +183,14 @@ pub fn wait_for_slot(slot: &str, status: &mut StatusWriter) -> SlotWait {
         let facts = read_facts(slot);
         match facts.plugin.as_deref() {
             None if !facts.installed => {
-                // Definitive only once no CREATE EXTENSION is running: it may be this
-                // database's, which the relay was started for.
-                if BackgroundWorker::transaction(|| ffi::extension_installed(true)) == Some(false) {
+                // Definitive only under the installation lock, and only if no CREATE EXTENSION
+                // asked for a relay since `seen` (see relays.rs): one may be running now.
+                let seen = status.requests();
+                let installed = BackgroundWorker::transaction(|| ffi::extension_installed(true));
+                if installed != Some(true) {
+                    test_hooks::hold(test_hooks::Point::AfterExtensionCheck, database);
+                }
+                if installed == Some(false) && status.give_up(seen) {
                     return SlotWait::NotInstalled;
                 }
                 status.set_state(RelayState::NotInstalled);
@@ -252,7 +259,7 @@ pub struct Retirement {
     checked: Instant,
     /// The installation whose key opens the records (`record_key::InstalledKey`), if any.
     installation: Option<u32>,
-    /// The WAL insert position when the change was noticed.
+    /// Where WAL ended when the change was noticed (`ffi::wal_insert_end_lsn`).
     after: Option<u64>,
 }
 
@@ -278,7 +285,7 @@ impl Retirement {
                 }
                 // emit of a new installation waits until its key is the relay's.
                 record_key::withdraw();
-                let lsn = ffi::wal_insert_lsn();
+                let lsn = ffi::wal_insert_end_lsn();
                 log!(
                     "outbox_ext relay: extension outbox_ext was {}; delivering the events committed before {:X}/{:X} first",
                     if current.is_some() { "dropped and created again" } else { "dropped" },
@@ -290,8 +297,9 @@ impl Retirement {
             }
             Some(after) if decoded_upto < after => Due::Nothing,
             Some(_) => {
-                // CREATE EXTENSION refuses to run from here on; the share lock waits out one
-                // that is running, so an installation that committed is seen below.
+                // A CREATE EXTENSION that starts from here on waits until the slot is dropped
+                // (`readiness.rs`); the installation lock tells whether one is running (then we
+                // try again later) and makes one that committed visible below.
                 status.set_retiring(true);
                 match BackgroundWorker::transaction(|| ffi::extension_installed(true)) {
                     Some(false) => Due::DropSlot,

@@ -20,6 +20,7 @@ use super::key;
 use super::produce::KafkaProducer;
 use super::signals::{shutdown_requested, sleep, take_reload};
 use super::slot::{self, Due, Retirement, SlotWait};
+use super::test_hooks;
 use super::RelaySettings;
 use crate::ffi::{self, DecodeSink, DecodingSession, TxnInfo};
 use crate::gucs;
@@ -64,7 +65,7 @@ pub fn relay_main(database_oid: u32) {
     ffi::allow_own_output_plugin();
     let database = BackgroundWorker::transaction(ffi::my_database_name);
     ffi::set_log_context(&format!("outbox_ext relay of database \"{database}\""));
-    let status = match StatusWriter::attach(ffi::my_pid(), database_oid, &database) {
+    let mut status = match StatusWriter::attach(ffi::my_pid(), database_oid, &database) {
         Ok(status) => status,
         Err(Some(other)) => {
             log!("outbox_ext relay: database \"{database}\" already has a relay (process {}); exiting", other.pid);
@@ -82,7 +83,13 @@ pub fn relay_main(database_oid: u32) {
         warning!("outbox_ext was built with feature unsealed_emit, for benchmarks: emit writes events the relay skips");
     }
     let mut life = Life { database, oid: database_oid, announced: false };
-    let mut phase = Phase::Looking(status);
+    let mut phase = if test_hooks::abandon(&life.database) {
+        // A test of the launcher's safety net: leave as if the request had been lost.
+        status.give_up(status.requests());
+        Phase::Done(status)
+    } else {
+        Phase::Looking(status)
+    };
     loop {
         phase = match phase {
             Phase::Done(mut status) => {
@@ -132,11 +139,9 @@ impl Life {
             Phase::Looking(mut status) => {
                 let slot = slot::choose_name(&self.database, self.oid);
                 status.set_slot(&slot);
-                match slot::wait_for_slot(&slot, &mut status) {
+                match slot::wait_for_slot(&slot, &self.database, &mut status) {
                     SlotWait::Ready => Phase::Keying(status, slot),
                     SlotWait::Stop => Phase::Done(status),
-                    // CREATE EXTENSION came in while we looked: look again.
-                    SlotWait::NotInstalled if status.not_wanted() => Phase::Looking(status),
                     SlotWait::NotInstalled => {
                         if self.announced {
                             log!("outbox_ext relay: database \"{}\" no longer has extension outbox_ext; its relay exits", self.database);

@@ -18,7 +18,7 @@ requested=${PG_VERSIONS:-${PG:-}}   # before common.sh, which selects PG=15 by d
 
 read -r -a VERSIONS <<<"${requested:-${SUPPORTED_PG_VERSIONS[*]}}"
 NEWEST=${SUPPORTED_PG_VERSIONS[-1]}
-E2E_EVERY_VERSION=(delivery transactions lifecycle recovery setup upgrade forgery dead_letters failover databases)
+E2E_EVERY_VERSION=(delivery transactions lifecycle recovery setup upgrade forgery dead_letters failover databases launcher)
 E2E_NEWEST_ONLY=(faults wal_safety)
 
 logdir=$(mktemp -d)
@@ -57,8 +57,10 @@ for v in "${VERSIONS[@]}"; do
     run "pg$v-pg_test" cargo pgrx test "${pgrx_args[@]}"
     [ -n "$pgdata" ] && rm -rf "$pgdata"
 
-    # cargo pgrx test installed a build with the test schema; install the plain one.
-    run "pg$v-install" install_extension
+    # cargo pgrx test installed a build with the test schema; install the one the end-to-end
+    # suites test: the product plus the relay's test hooks, inert unless a test arms them
+    # (src/relay/test_hooks.rs). The package test below runs the product build alone.
+    run "pg$v-install" install_extension --features test_hooks
     suites=("${E2E_EVERY_VERSION[@]}")
     if [ "$v" = "$NEWEST" ] || [ -n "${E2E_FULL:-}" ]; then
         suites+=("${E2E_NEWEST_ONLY[@]}")

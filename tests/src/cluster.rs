@@ -370,6 +370,27 @@ impl PgCluster {
     pub fn worker_pid(&self) -> Option<i32> {
         self.status("worker_pid").parse().ok()
     }
+
+    /// Whether this database's relay runs and has made its slot (its confirmed position).
+    pub fn relay_has_slot(&self) -> bool {
+        self.try_sql("SELECT worker_pid IS NOT NULL AND confirmed_lsn IS NOT NULL FROM outbox.status()")
+            == Ok("t".into())
+    }
+
+    /// Arms a test hook of the relay (src/relay/test_hooks.rs, in the build `make test`
+    /// installs): creates `file` in the data directory.
+    pub fn arm_hook(&self, file: &str) {
+        std::fs::write(self.data_dir().join(file), b"").unwrap();
+    }
+
+    pub fn disarm_hook(&self, file: &str) {
+        std::fs::remove_file(self.data_dir().join(file)).unwrap();
+    }
+
+    /// Whether `file` exists in the data directory (a relay shows where a hook holds it so).
+    pub fn hook_file_exists(&self, file: &str) -> bool {
+        self.data_dir().join(file).exists()
+    }
 }
 
 /// An open psql session, for transactions that stay open across other events.

@@ -65,15 +65,22 @@ pub fn streaming_relay(topics: &[&str], extra: &[(&str, &str)]) -> (MockKafka, P
 }
 
 /// Polls `cond` until it returns true or `timeout` passes; panics with `what` on timeout.
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    if !eventually(timeout, cond) {
+        panic!("timed out after {timeout:?} waiting for {what}");
+    }
+}
+
+/// Polls `cond` until it returns true (true) or `timeout` passes (false).
+pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(5);
     loop {
         if cond() {
-            return;
+            return true;
         }
         if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return false;
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(200));

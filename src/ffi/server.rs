@@ -258,6 +258,16 @@ pub fn flush_lsn() -> u64 {
     unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) }
 }
 
+/// Flushes WAL up to `lsn` (at most the insert position), as a commit does. Records that are
+/// not commits (a page pruned by a read, a standby snapshot) can otherwise stay unflushed in
+/// the last partial page until the next commit or checkpoint, and the relay decodes flushed
+/// WAL only.
+pub fn flush_wal(lsn: u64) {
+    // SAFETY: XLogFlush may be called by any process that may write WAL, in or out of a
+    // transaction (the relay runs on a primary); it only raises on an I/O failure.
+    unsafe { pg_sys::XLogFlush(lsn) }
+}
+
 /// The current value of a PostgreSQL setting, as `SHOW` prints it; None if there is no such
 /// setting in this version. Not for settings that may hold secrets.
 pub fn config_option(name: &str) -> Option<String> {

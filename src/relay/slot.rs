@@ -204,8 +204,9 @@ pub fn wait_for_slot(slot: &str, database: &str, status: &mut StatusWriter) -> S
                 status.set_error(&missing_slot_error(slot, &facts));
             }
             None => {
-                log!("outbox_ext relay: creating logical replication slot \"{slot}\"");
                 status.set_state(RelayState::Starting);
+                test_hooks::hold(test_hooks::Point::BeforeSlotCreation, database);
+                log!("outbox_ext relay: creating logical replication slot \"{slot}\"");
                 super::key::before_new_slot(slot);
                 ffi::create_slot(slot, crate::gucs::failover_slot());
                 BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
@@ -295,7 +296,14 @@ impl Retirement {
                 self.after = Some(lsn);
                 Due::Nothing
             }
-            Some(after) if decoded_upto < after => Due::Nothing,
+            Some(after) if decoded_upto < after => {
+                // Idle below `after`: what is left may be WAL nobody flushes (see flush_wal),
+                // while the new installation's emit fails until we get there.
+                if ffi::flush_lsn() < after {
+                    ffi::flush_wal(after);
+                }
+                Due::Nothing
+            }
             Some(_) => {
                 // A CREATE EXTENSION that starts from here on waits until the slot is dropped
                 // (`readiness.rs`); the installation lock tells whether one is running (then we

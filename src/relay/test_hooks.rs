@@ -8,6 +8,7 @@
 //! | file                                              | what the relay of `<database>` does |
 //! |---------------------------------------------------|-------------------------------------|
 //! | `outbox_test_hold.after_extension_check.<database>` | having looked for the extension and found none (or been unable to tell), waits there while the file exists; meanwhile `outbox_test_held.after_extension_check.<database>` exists |
+//! | `outbox_test_hold.before_slot_creation.<database>` | having found the extension and no slot, waits before making the slot, likewise |
 //! | `outbox_test_abandon.<database>`                  | right after it starts, stops being wanted and exits, as a relay that lost its request would |
 
 /// A point in the relay's life where a test can hold it.
@@ -16,6 +17,8 @@ pub enum Point {
     /// In the Looking phase, between the look for the extension that found none and acting on
     /// it (see `relays.rs`).
     AfterExtensionCheck,
+    /// The extension is installed and the relay is about to make its slot (state `starting`).
+    BeforeSlotCreation,
 }
 
 #[cfg(feature = "test_hooks")]
@@ -23,6 +26,7 @@ impl Point {
     fn name(self) -> &'static str {
         match self {
             Point::AfterExtensionCheck => "after_extension_check",
+            Point::BeforeSlotCreation => "before_slot_creation",
         }
     }
 }

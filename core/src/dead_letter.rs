@@ -120,7 +120,9 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// The event behind a record the relay made (see `routing::record_headers`): the first three
-/// headers are `id`, `type` and `aggregatetype`, the rest are the event's own.
+/// headers are `id`, `type` and `aggregatetype`, then its position (`commit_lsn`,
+/// `commit_index`; records made before the relay wrote them have none), the rest are the
+/// event's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventFields<'a> {
     pub id: &'a str,
@@ -134,6 +136,14 @@ impl<'a> EventFields<'a> {
     pub fn of_record(headers: &'a [(String, String)]) -> Option<EventFields<'a>> {
         match headers {
             [(id, id_v), (ty, ty_v), (at, at_v), rest @ ..] if id == "id" && ty == "type" && at == "aggregatetype" => {
+                let rest = match rest {
+                    [(lsn, _), (index, _), own @ ..]
+                        if lsn == crate::routing::COMMIT_LSN_HEADER && index == crate::routing::COMMIT_INDEX_HEADER =>
+                    {
+                        own
+                    }
+                    own => own,
+                };
                 Some(EventFields { id: id_v, event_type: ty_v, aggregatetype: at_v, headers: rest })
             }
             _ => None,
@@ -202,5 +212,10 @@ mod tests {
         assert_eq!((f.id, f.event_type, f.aggregatetype), ("0190", "T", "order"));
         assert_eq!(f.headers_json(), r#"{"a":"1","b":"\""}"#);
         assert!(EventFields::of_record(&h[1..]).is_none());
+        // The position is the record's, not the event's: a redelivered event gets a new one.
+        let mut with_position = h.clone();
+        with_position.insert(3, ("commit_lsn".into(), "123".into()));
+        with_position.insert(4, ("commit_index".into(), "0".into()));
+        assert_eq!(EventFields::of_record(&with_position), EventFields::of_record(&h));
     }
 }

@@ -37,7 +37,8 @@ pub const UNAUTHENTICATED_FORMAT: u8 = 1;
 const SEAL_LEN: usize = 1 + TAG_LEN;
 
 /// Header names that outbox_ext sets itself on every Kafka record.
-pub const RESERVED_HEADERS: [&str; 3] = ["id", "type", "aggregatetype"];
+pub const RESERVED_HEADERS: [&str; 5] =
+    ["id", "type", "aggregatetype", routing::COMMIT_LSN_HEADER, routing::COMMIT_INDEX_HEADER];
 
 /// What the caller of `outbox.emit()` passed, with SQL NULL as `None`.
 #[derive(Debug, Clone, Copy)]
@@ -120,11 +121,18 @@ pub fn validate<'a>(
 /// The record the relay will make of `event` (see `routing::record_headers`) must fit
 /// `max_record_bytes`, so that librdkafka and the broker never refuse it for its size.
 fn check_record_size(event: &ValidEvent<'_>, max_record_bytes: usize) -> Result<(), OutboxError> {
-    // The id header is the hyphenated UUID: 36 characters, whatever the id.
+    // The id header is the hyphenated UUID: 36 characters, whatever the id. The position is
+    // not known before commit: counted at its longest, so the relay can always send the record.
     const ID_TEXT: &str = "00000000-0000-0000-0000-000000000000";
-    let headers = [("id", ID_TEXT), ("type", event.event_type), ("aggregatetype", event.aggregatetype)]
-        .into_iter()
-        .chain(event.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let headers = [
+        ("id", ID_TEXT),
+        ("type", event.event_type),
+        ("aggregatetype", event.aggregatetype),
+        (routing::COMMIT_LSN_HEADER, routing::MAX_POSITION_TEXT),
+        (routing::COMMIT_INDEX_HEADER, routing::MAX_POSITION_TEXT),
+    ]
+    .into_iter()
+    .chain(event.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let size = routing::record_size(event.aggregateid, event.payload, headers);
     if size > max_record_bytes {
         let (key, value) = (event.aggregateid.len(), event.payload.len());
@@ -435,8 +443,9 @@ mod tests {
     }
 
     /// The record of `args()`: 36 of overhead, key "o-1" (3), value `{"a": 1}` (8), headers id
-    /// (1 + 2 + 1 + 36), type (1 + 4 + 1 + 12) and aggregatetype (1 + 13 + 1 + 5).
-    const ARGS_RECORD: usize = 36 + 3 + 8 + 40 + 18 + 20;
+    /// (1 + 2 + 1 + 36), type (1 + 4 + 1 + 12), aggregatetype (1 + 13 + 1 + 5), and the
+    /// position at its longest: commit_lsn (1 + 10 + 1 + 20) and commit_index (1 + 12 + 1 + 20).
+    const ARGS_RECORD: usize = 36 + 3 + 8 + 40 + 18 + 20 + 32 + 34;
 
     #[test]
     fn every_part_of_the_record_counts_against_max_record_bytes() {
@@ -445,7 +454,7 @@ mod tests {
         let e = validate(args(), at(ARGS_RECORD - 1)).unwrap_err();
         assert_eq!(
             e,
-            OutboxError::RecordTooLarge { size: ARGS_RECORD, max: ARGS_RECORD - 1, key: 3, value: 8, headers: 78 }
+            OutboxError::RecordTooLarge { size: ARGS_RECORD, max: ARGS_RECORD - 1, key: 3, value: 8, headers: 144 }
         );
         assert_eq!(e.sqlstate().code(), "54000");
         assert!(e.hint().is_some());

@@ -5,7 +5,7 @@
 //! | topic | `outbox.topic` with `{database}` and `{aggregatetype}` replaced |
 //! | key | aggregateid, UTF-8 |
 //! | value | the payload's JSON text |
-//! | headers | `id`, `type`, `aggregatetype`, then the event's own headers |
+//! | headers | `id`, `type`, `aggregatetype`, `commit_lsn`, `commit_index`, then the event's own headers |
 //! | timestamp | the commit time of the emitting transaction |
 
 use crate::error::OutboxError;
@@ -72,12 +72,71 @@ pub fn pg_timestamp_to_unix_ms(ts: i64) -> i64 {
     (ts + PG_EPOCH_OFFSET_US).div_euclid(1000)
 }
 
+/// Where an event stands among its database's events: the LSN of its transaction's commit
+/// record, then its 0-based index among that transaction's committed events in emit order
+/// (events rolled back to a savepoint take none). Ordered as the relay produces them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position {
+    pub commit_lsn: u64,
+    pub commit_index: u64,
+}
+
+/// Header names of an event's position (see [`Position`]), decimal integers.
+pub const COMMIT_LSN_HEADER: &str = "commit_lsn";
+pub const COMMIT_INDEX_HEADER: &str = "commit_index";
+
+/// The longest decimal text of a position header's value (u64::MAX), for emit's size check.
+pub const MAX_POSITION_TEXT: &str = "18446744073709551615";
+
+/// A u64 as decimal text, on the stack: the relay formats two per event.
+#[derive(Clone, Copy)]
+pub struct Decimal {
+    digits: [u8; 20],
+    start: u8,
+}
+
+impl Decimal {
+    pub fn new(mut n: u64) -> Decimal {
+        let mut digits = [0u8; 20];
+        let mut start = 20;
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        Decimal { digits, start: start as u8 }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits are ever written.
+        std::str::from_utf8(&self.digits[self.start as usize..]).unwrap_or("0")
+    }
+}
+
+/// A position's header values.
+#[derive(Clone, Copy)]
+pub struct PositionText {
+    pub commit_lsn: Decimal,
+    pub commit_index: Decimal,
+}
+
+impl PositionText {
+    pub fn new(position: Position) -> PositionText {
+        PositionText { commit_lsn: Decimal::new(position.commit_lsn), commit_index: Decimal::new(position.commit_index) }
+    }
+}
+
 /// The headers of the Kafka record for an event, in order. `id_text` is the hyphenated id.
-pub fn record_headers<'a>(event: &'a EventRef<'a>, id_text: &'a str) -> Vec<(&'a str, &'a str)> {
-    let mut headers = Vec::with_capacity(3 + event.headers.len());
+pub fn record_headers<'a>(event: &'a EventRef<'a>, id_text: &'a str, position: &'a PositionText) -> Vec<(&'a str, &'a str)> {
+    let mut headers = Vec::with_capacity(5 + event.headers.len());
     headers.push(("id", id_text));
     headers.push(("type", event.event_type));
     headers.push(("aggregatetype", event.aggregatetype));
+    headers.push((COMMIT_LSN_HEADER, position.commit_lsn.as_str()));
+    headers.push((COMMIT_INDEX_HEADER, position.commit_index.as_str()));
     headers.extend(event.headers.iter().copied());
     headers
 }
@@ -166,14 +225,32 @@ mod tests {
             headers: vec![("trace", "t1")],
         };
         let id = id_text(&ev);
+        let position = PositionText::new(Position { commit_lsn: 0x1_0000_0028, commit_index: 7 });
         assert_eq!(
-            record_headers(&ev, &id),
+            record_headers(&ev, &id, &position),
             vec![
                 ("id", "00000000-0000-0000-0000-000000000000"),
                 ("type", "OrderCreated"),
                 ("aggregatetype", "order"),
+                ("commit_lsn", "4294967336"),
+                ("commit_index", "7"),
                 ("trace", "t1")
             ]
         );
+    }
+
+    #[test]
+    fn decimals_are_exact_at_the_edges() {
+        for n in [0, 1, 9, 10, 99, 100, 4_294_967_295, 4_294_967_296, u64::MAX - 1, u64::MAX] {
+            assert_eq!(Decimal::new(n).as_str(), n.to_string());
+        }
+        assert_eq!(Decimal::new(u64::MAX).as_str(), MAX_POSITION_TEXT);
+    }
+
+    #[test]
+    fn positions_order_by_commit_then_index() {
+        let p = |commit_lsn, commit_index| Position { commit_lsn, commit_index };
+        assert!(p(100, 5) < p(101, 0));
+        assert!(p(100, 0) < p(100, 1));
     }
 }

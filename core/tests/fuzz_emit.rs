@@ -19,7 +19,7 @@
 //! | payload's JSON text at most `outbox.max_payload_bytes` bytes | `PayloadTooLarge` | 54000 |
 //! | headers: SQL NULL, JSON `null`, or a JSON object whose values are strings, none named `id`, `type` or `aggregatetype` | `InvalidHeaders` | 22023 |
 //! | text arguments at most `u32::MAX` bytes (wire format) | `ArgumentTooLong` | 54000 |
-//! | the Kafka record (key, value, headers `id`, `type`, `aggregatetype` and the event's own, sized as librdkafka sizes it) at most `outbox.max_record_bytes` | `RecordTooLarge` | 54000 |
+//! | the Kafka record (key, value, headers `id`, `type`, `aggregatetype`, `commit_lsn` and `commit_index` at their longest, and the event's own, sized as librdkafka sizes it) at most `outbox.max_record_bytes` | `RecordTooLarge` | 54000 |
 //!
 //! The last rule needs 4 GiB inputs, so it is not exercised here; every input generated here is
 //! far below it and must therefore never be refused for length.
@@ -66,7 +66,7 @@ fn config(cases: u32) -> ProptestConfig {
 
 const PLACEHOLDER: &str = "{aggregatetype}";
 /// "Header names that outbox_ext sets itself on every Kafka record" (routing.rs table).
-const RESERVED: [&str; 3] = ["id", "type", "aggregatetype"];
+const RESERVED: [&str; 5] = ["id", "type", "aggregatetype", "commit_lsn", "commit_index"];
 
 /// Kafka's rule as documented in routing.rs: `[A-Za-z0-9._-]`, 1 to 249 characters, not `.`
 /// or `..`.
@@ -680,7 +680,7 @@ fn many_members(max: usize) -> impl Strategy<Value = Vec<(String, J)>> {
         if n > 0 {
             let at = (seed as usize) % n;
             match spoil {
-                0 => members[at].0 = RESERVED[at % 3].to_string(),
+                0 => members[at].0 = RESERVED[at % RESERVED.len()].to_string(),
                 1 => members[at].1 = J::Num("1".into()),
                 _ => {}
             }
@@ -932,9 +932,15 @@ impl Emit {
         prop_assert!(routing::check_topic(&topic).is_ok());
         let id_text = routing::id_text(&back);
         prop_assert_eq!(&id_text, &oracle_hyphenated(&self.id));
-        let record = routing::record_headers(&back, &id_text);
-        let mut expected_record: Vec<(&str, &str)> =
-            vec![("id", &id_text), ("type", event_type), ("aggregatetype", aggregatetype)];
+        let position = routing::PositionText::new(routing::Position { commit_lsn: u64::MAX, commit_index: 0 });
+        let record = routing::record_headers(&back, &id_text, &position);
+        let mut expected_record: Vec<(&str, &str)> = vec![
+            ("id", &id_text),
+            ("type", event_type),
+            ("aggregatetype", aggregatetype),
+            ("commit_lsn", "18446744073709551615"),
+            ("commit_index", "0"),
+        ];
         expected_record.extend(ev.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         prop_assert_eq!(record, expected_record);
         Ok(())
@@ -1274,7 +1280,8 @@ fn reserved_header_names_are_the_ones_routing_sets() {
         headers: vec![],
     };
     let id = routing::id_text(&ev);
-    let names: Vec<&str> = routing::record_headers(&ev, &id).into_iter().map(|(k, _)| k).collect();
+    let position = routing::PositionText::new(routing::Position::default());
+    let names: Vec<&str> = routing::record_headers(&ev, &id, &position).into_iter().map(|(k, _)| k).collect();
     assert_eq!(names, RESERVED);
 }
 
@@ -1362,10 +1369,13 @@ proptest! {
             }
         }
         let headers_text = serde_json::Value::Object(object.clone()).to_string();
+        // The position headers at their longest: the relay only knows them after commit.
         let mut headers = vec![
             ("id", "01234567-89ab-7cde-8f01-23456789abcd"),
             ("type", event_type.as_str()),
             ("aggregatetype", aggregatetype.as_str()),
+            ("commit_lsn", "18446744073709551615"),
+            ("commit_index", "18446744073709551615"),
         ];
         headers.extend(object.iter().map(|(k, v)| (k.as_str(), v.as_str().unwrap())));
         let size = oracle_record_size(&aggregateid, &payload, &headers);

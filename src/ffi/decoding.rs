@@ -39,6 +39,8 @@ extern "C-unwind" {
 pub struct TxnInfo {
     /// The top-level transaction id, which the record's tag names.
     pub xid: u32,
+    /// Start of the commit record: the transaction's place in commit order (`commit_lsn`).
+    pub commit_lsn: u64,
     /// End of the commit record: the position to confirm once the transaction is delivered.
     pub end_lsn: u64,
     /// Commit time as a Postgres `TimestampTz`.
@@ -349,10 +351,15 @@ unsafe fn sink_of<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> &'a mut dyn D
 }
 
 unsafe fn txn_info(txn: *mut pg_sys::ReorderBufferTXN) -> TxnInfo {
-    // SAFETY: txn is the transaction being replayed; ReorderBufferCommit sets end_lsn and
-    // commit_time before replay starts.
+    // SAFETY: txn is the transaction being replayed; ReorderBufferCommit sets final_lsn (the
+    // commit record's start), end_lsn and commit_time before replay starts.
     unsafe {
-        TxnInfo { xid: (*txn).xid.into(), end_lsn: (*txn).end_lsn, commit_time: (*txn).xact_time.commit_time }
+        TxnInfo {
+            xid: (*txn).xid.into(),
+            commit_lsn: (*txn).final_lsn,
+            end_lsn: (*txn).end_lsn,
+            commit_time: (*txn).xact_time.commit_time,
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use crate::ffi::{DecodeSink, TxnInfo};
 use outbox_core::auth::RecordKey;
 use outbox_core::dead_letter::{self as dl, DeadLetter, OnPermanentError, Record, Refusal};
 use outbox_core::event::{self, EventRef};
-use outbox_core::routing;
+use outbox_core::routing::{self, Position, PositionText};
 use outbox_core::tracker::{DeliveryTracker, Progress};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -116,11 +116,16 @@ impl DecodeSink for Routing<'_> {
             return;
         }
         if let Some(ev) = self.opener.open(txn, lsn, body) {
-            self.router.route(txn, &ev);
+            // Decoding replays only what committed, in emit order, and a rewind starts again
+            // at a transaction's beginning: counting the opened events numbers them 0..n-1.
+            let position = Position { commit_lsn: txn.commit_lsn, commit_index: self.router.next_index };
+            self.router.next_index += 1;
+            self.router.route(txn, position, &ev);
         }
     }
 
     fn commit(&mut self, txn: TxnInfo) {
+        self.router.next_index = 0;
         self.router.commit(txn);
     }
 }
@@ -197,6 +202,8 @@ pub struct EventRouter {
     pub last_ack: Instant,
     /// Client-level errors (broker down) since the last acknowledgement.
     pub broker_trouble: bool,
+    /// The `commit_index` of the next event of the transaction being decoded.
+    next_index: u64,
 }
 
 impl EventRouter {
@@ -218,6 +225,7 @@ impl EventRouter {
             permanent: None,
             last_ack: Instant::now(),
             broker_trouble: false,
+            next_index: 0,
         }
     }
 
@@ -396,10 +404,11 @@ impl EventRouter {
 }
 
 impl EventRouter {
-    /// Hands one event of `txn` to the producer.
-    fn route(&mut self, txn: TxnInfo, ev: &EventRef<'_>) {
+    /// Hands one event of `txn`, at `position`, to the producer.
+    fn route(&mut self, txn: TxnInfo, position: Position, ev: &EventRef<'_>) {
         let id = routing::id_text(ev);
-        let headers = routing::record_headers(ev, &id);
+        let position = PositionText::new(position);
+        let headers = routing::record_headers(ev, &id, &position);
         let timestamp = routing::pg_timestamp_to_unix_ms(txn.commit_time);
         let seq = self.tracker.add_event(txn.end_lsn, txn.commit_time);
         let topic = self.topic(ev.aggregatetype).to_string();

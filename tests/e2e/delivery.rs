@@ -29,7 +29,12 @@ fn record_has_topic_key_value_headers_and_commit_timestamp() {
     assert_eq!(r.key.as_deref(), Some("o-42"));
     assert_eq!(r.value.as_deref(), Some(r#"{"note": "é ü", "lines": [{"sku": "A-1"}], "amount": 42.5}"#));
     let names: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(names, ["id", "type", "aggregatetype", "tenant", "traceparent"]);
+    assert_eq!(names, ["id", "type", "aggregatetype", "commit_lsn", "commit_index", "tenant", "traceparent"]);
+    // The position: the commit record's LSN, in decimal, and the event's index in its transaction.
+    let commit_lsn: u64 = r.header("commit_lsn").unwrap().parse().expect("decimal");
+    let lsn_of = |decimal: u64| pg.sql(&format!("SELECT '0/0'::pg_lsn + {decimal}"));
+    assert!(pg.sql(&format!("SELECT '{}'::pg_lsn < pg_current_wal_lsn()", lsn_of(commit_lsn))) == "t");
+    assert_eq!(r.header("commit_index"), Some("0"));
     assert_eq!(r.header("id"), Some(id.as_str()));
     assert_eq!(r.header("type"), Some("OrderCreated"));
     assert_eq!(r.header("aggregatetype"), Some("order"));
@@ -66,6 +71,64 @@ fn record_has_topic_key_value_headers_and_commit_timestamp() {
     });
     let moved = pg.sql(&format!("SELECT confirmed_lsn - '{before}'::pg_lsn > 1000000 FROM outbox.status()"));
     assert_eq!(moved, "t");
+}
+
+/// `(commit_lsn, commit_index)` orders every event of a database: it strictly increases in
+/// every partition, and each transaction's events are numbered 0..n-1 in emit order, those
+/// rolled back to a savepoint taking no number. Concurrent writers interleave their
+/// transactions, so commit order differs from the order in which the events were written.
+#[test]
+fn positions_rise_in_every_partition_and_number_each_transactions_events() {
+    let topic = "outbox.event.pos";
+    let (kafka, pg) = streaming_relay(&[topic], &[]);
+    let load = outbox_tests::Load::start(
+        &pg,
+        "pos",
+        outbox_tests::LoadShape { writers: 2, batch: 7, rollback_every: 4, savepoint_every: 3, ..Default::default() },
+    );
+    const TXNS: i64 = 30;
+    for t in 0..TXNS {
+        // Events n = 0..4, a rolled-back one, then n = 5..9: the committed ones take 0..9.
+        pg.sql(&format!(
+            "BEGIN;
+             SELECT count(outbox.emit('pos', 'k' || n, 'E', jsonb_build_object('txn', {t}, 'n', n))) FROM generate_series(0, 4) n;
+             SAVEPOINT s;
+             SELECT outbox.emit('pos', 'k0', 'E', jsonb_build_object('txn', {t}, 'n', -1));
+             ROLLBACK TO s;
+             SELECT count(outbox.emit('pos', 'k' || n, 'E', jsonb_build_object('txn', {t}, 'n', n))) FROM generate_series(5, 9) n;
+             COMMIT;"
+        ));
+    }
+    let emitted = load.stop();
+    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
+    c.until_all(&emitted, DEADLINE);
+    c.until_count(emitted.committed.len() + (TXNS * 10) as usize, DEADLINE);
+    c.until_end(&[(topic, 3)], DEADLINE);
+    let position = |r: &outbox_tests::Record| -> (u64, u64) {
+        (r.header("commit_lsn").unwrap().parse().unwrap(), r.header("commit_index").unwrap().parse().unwrap())
+    };
+    for p in 0..3 {
+        let positions: Vec<(u64, u64)> = c.records.iter().filter(|r| r.partition == p).map(position).collect();
+        assert!(positions.len() > 10, "partition {p} has {} records", positions.len());
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "partition {p} not strictly increasing: {positions:?}");
+    }
+    let mut by_txn: HashMap<u64, Vec<(u64, i64)>> = HashMap::new();
+    for r in &c.records {
+        let (lsn, index) = position(r);
+        by_txn.entry(lsn).or_default().push((index, r.json()["n"].as_i64().unwrap_or(i64::MIN)));
+    }
+    let mut numbered = 0;
+    for (lsn, mut events) in by_txn {
+        events.sort();
+        let indexes: Vec<u64> = events.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indexes, (0..events.len() as u64).collect::<Vec<_>>(), "transaction at {lsn}");
+        if events.iter().any(|(_, n)| *n >= 0) && events.len() == 10 {
+            // One of ours: index i is the i-th committed emit, n = i.
+            assert!(events.iter().all(|(i, n)| *i as i64 == *n), "transaction at {lsn}: {events:?}");
+            numbered += 1;
+        }
+    }
+    assert_eq!(numbered, TXNS, "every 10-event transaction numbered in emit order");
 }
 
 #[test]
@@ -182,7 +245,8 @@ fn librdkafka_record_size(key: &str, value: &str, headers: &[(&str, &str)]) -> u
 
 /// `outbox.max_record_bytes` limits the whole record, and is the producer's `message.max.bytes`:
 /// whichever part of the event makes the record large (key, value, type, a header), a record of
-/// the limit reaches Kafka, and one byte more is refused by emit with 54000 and never written.
+/// the limit (with the position headers at their longest) reaches Kafka, and one byte more is
+/// refused by emit with 54000 and never written.
 #[test]
 fn records_up_to_max_record_bytes_arrive_and_one_byte_more_is_refused_by_emit() {
     const MAX: usize = 5000;
@@ -192,26 +256,40 @@ fn records_up_to_max_record_bytes_arrive_and_one_byte_more_is_refused_by_emit() 
     let id = "01234567-89ab-7cde-8f01-23456789abcd";
     // (part, the record's size with n filler bytes in that part, emit's arguments for n)
     type Part = (&'static str, Box<dyn Fn(usize) -> usize>, Box<dyn Fn(usize) -> String>);
+    // emit counts the position headers at their longest: the commit is not known yet.
+    const LONGEST: &str = "18446744073709551615";
+    let fixed = move |type_: &str| -> Vec<(String, String)> {
+        [("id", id), ("type", type_), ("aggregatetype", "edge"), ("commit_lsn", LONGEST), ("commit_index", LONGEST)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let sized = move |key: &str, value: &str, headers: Vec<(String, String)>| {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        librdkafka_record_size(key, value, &headers)
+    };
     let parts: Vec<Part> = vec![
         (
             "key",
-            Box::new(move |n| librdkafka_record_size(&"k".repeat(n), "{}", &[("id", id), ("type", "T"), ("aggregatetype", "edge")])),
+            Box::new(move |n| sized(&"k".repeat(n), "{}", fixed("T"))),
             Box::new(|n| format!("'edge', repeat('k', {n}), 'T', '{{}}'")),
         ),
         (
             "value",
-            Box::new(move |n| librdkafka_record_size("k", &format!("\"{}\"", "v".repeat(n)), &[("id", id), ("type", "T"), ("aggregatetype", "edge")])),
+            Box::new(move |n| sized("k", &format!("\"{}\"", "v".repeat(n)), fixed("T"))),
             Box::new(|n| format!("'edge', 'k', 'T', to_jsonb(repeat('v', {n}))")),
         ),
         (
             "type",
-            Box::new(move |n| librdkafka_record_size("k", "{}", &[("id", id), ("type", &"t".repeat(n)), ("aggregatetype", "edge")])),
+            Box::new(move |n| sized("k", "{}", fixed(&"t".repeat(n)))),
             Box::new(|n| format!("'edge', 'k', repeat('t', {n}), '{{}}'")),
         ),
         (
             "header",
             Box::new(move |n| {
-                librdkafka_record_size("k", "{}", &[("id", id), ("type", "T"), ("aggregatetype", "edge"), ("h", &"h".repeat(n))])
+                let mut headers = fixed("T");
+                headers.push(("h".into(), "h".repeat(n)));
+                sized("k", "{}", headers)
             }),
             Box::new(|n| format!("'edge', 'k', 'T', '{{}}', jsonb_build_object('h', repeat('h', {n}))")),
         ),
@@ -256,7 +334,9 @@ fn records_up_to_max_record_bytes_arrive_and_one_byte_more_is_refused_by_emit() 
         assert_eq!(r.len(), 1, "{part}");
         let headers: Vec<(&str, &str)> = r[0].headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let measured = librdkafka_record_size(r[0].key.as_deref().unwrap(), r[0].value.as_deref().unwrap(), &headers);
-        assert_eq!(measured, size, "{part}: the record that arrived is the one sized");
-        eprintln!("[max_record_bytes {MAX}] {part}: a {size}-byte record arrived; one byte more was refused");
+        // Shorter than sized by what the real position's digits leave of the longest ones.
+        let unused = 2 * LONGEST.len() - r[0].header("commit_lsn").unwrap().len() - r[0].header("commit_index").unwrap().len();
+        assert_eq!(measured, size - unused, "{part}: the record that arrived is the one sized");
+        eprintln!("[max_record_bytes {MAX}] {part}: a {size}-byte record (at the longest position) was taken and arrived; one byte more was refused");
     }
 }

@@ -43,3 +43,18 @@ pub fn sleep(timeout: Duration) -> bool {
     !shutdown_requested()
 }
 
+
+/// Waits out `duration` even if the latch is set meanwhile (emit's commits set it to wake an
+/// idle relay), returning early only when the worker must stop (false) or reload (true).
+pub fn pause(duration: Duration) -> bool {
+    let deadline = std::time::Instant::now() + duration;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || reload_requested() {
+            return !shutdown_requested();
+        }
+        if !sleep(left) {
+            return false;
+        }
+    }
+}

@@ -18,7 +18,7 @@
 use super::decode::{EventRouter, Opener, Refused, Routing, ACK_STALL};
 use super::key;
 use super::produce::KafkaProducer;
-use super::signals::{shutdown_requested, sleep, take_reload};
+use super::signals::{pause, shutdown_requested, sleep, take_reload};
 use super::slot::{self, Due, Retirement, SlotWait};
 use super::test_hooks;
 use super::RelaySettings;
@@ -588,7 +588,9 @@ impl Relay {
         warning!("outbox_ext relay: {error}; retrying from the last confirmed position in {:?}", self.backoff);
         self.status.set_error(&error);
         self.status.set_state(RelayState::KafkaUnavailable);
-        sleep(self.backoff);
+        // The whole backoff: writers' commits set the latch, and under load would otherwise cut
+        // every wait short and rebuild the producer as fast as deliveries time out.
+        pause(self.backoff);
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 

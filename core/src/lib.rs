@@ -17,8 +17,10 @@ pub mod error;
 pub mod event;
 pub mod kafka_settings;
 pub mod latency;
+pub mod partition;
 pub mod routing;
 pub mod slot_name;
+pub mod tail;
 pub mod tracker;
 pub mod uuid7;
 

@@ -163,6 +163,11 @@ fn ten_thousand_events_over_fifty_keys_arrive_complete_and_in_key_order() {
     assert_eq!(c.records.len() as i64, EVENTS, "no duplicates in a clean run");
     assert_eq!(partitions_of_key.len() as i64, KEYS);
     assert!(partitions_of_key.values().all(|p| p.len() == 1), "a key stays on one partition");
+    // The partition is Kafka's default partitioner's, which the relay can compute itself.
+    for (key, partitions) in &partitions_of_key {
+        let expected = outbox_core::partition::for_key(key.as_bytes(), 3) as i32;
+        assert_eq!(partitions.iter().copied().collect::<Vec<_>>(), [expected], "key {key}");
+    }
     let used: HashSet<i32> = c.records.iter().map(|r| r.partition).collect();
     assert_eq!(used.len(), 3, "keys spread over all 3 partitions");
     outbox_tests::wait_until("status to count every delivery", DEADLINE, || {
@@ -338,5 +343,30 @@ fn records_up_to_max_record_bytes_arrive_and_one_byte_more_is_refused_by_emit() 
         let unused = 2 * LONGEST.len() - r[0].header("commit_lsn").unwrap().len() - r[0].header("commit_index").unwrap().len();
         assert_eq!(measured, size - unused, "{part}: the record that arrived is the one sized");
         eprintln!("[max_record_bytes {MAX}] {part}: a {size}-byte record (at the longest position) was taken and arrived; one byte more was refused");
+    }
+}
+
+/// `outbox_core::partition::for_key` is librdkafka's `murmur2_random` for keyed records (the
+/// Java client's partitioner), for keys of every length and partition counts up to 1000.
+#[test]
+fn the_core_partitioner_is_librdkafkas() {
+    let mut keys: Vec<Vec<u8>> = vec![b"".to_vec(), "é ü 😀".as_bytes().to_vec(), vec![0xff; 1000]];
+    keys.extend((0..2000).map(|i| format!("order-{i}-{}", "x".repeat(i % 11)).into_bytes()));
+    for key in &keys {
+        for partitions in [1, 2, 3, 7, 12, 64, 1000] {
+            // SAFETY: for a non-empty key librdkafka's partitioner only hashes `key`; the topic
+            // and opaques are not read. An empty key is hashed too (only a NULL one is not).
+            let theirs = unsafe {
+                rdkafka::bindings::rd_kafka_msg_partitioner_murmur2_random(
+                    std::ptr::null(),
+                    key.as_ptr().cast(),
+                    key.len(),
+                    partitions,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+            assert_eq!(outbox_core::partition::for_key(key, partitions as u32) as i32, theirs, "{key:?} over {partitions}");
+        }
     }
 }

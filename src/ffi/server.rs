@@ -453,7 +453,6 @@ pub fn wal_insert_end_lsn() -> u64 {
     }
 }
 
-
 /// The timeline this server writes WAL on (outside recovery).
 pub fn wal_insert_timeline() -> u32 {
     // SAFETY: GetWALInsertionTimeLine reads a shared-memory field set once recovery ends; the

@@ -1,212 +1,240 @@
-//! Which records in a partition are this relay's own, and how far they let it skip: the core
-//! of the exactly-once rule (see docs/research/issue19-exactly-once.md).
+//! Which events a partition already holds: the core of the exactly-once rule (see
+//! docs/research/issue19-exactly-once.md).
 //!
-//! Every record carries, besides its [`Position`], a *source*: the cluster's system
-//! identifier, the database's oid, the timeline the commit was on, and the partition count the
-//! relay routed it under. Reading a partition's tail, the relay keeps the highest position
-//! among the records that are
+//! Before the relay produces to a partition for the first time after a start, a rewind or a
+//! promotion, it reads the partition backwards from its end and collects the records it finds
+//! as [`Delivered`]. An event is skipped only if a record with **the same id and the same
+//! position** (`commit_lsn`, `commit_index`) is in the partition: it was produced before and
+//! Kafka holds it. Nothing is inferred from a record about any *other* event, so the rule does
+//! not rest on the producer having written the partition without gaps, on clocks, on
+//! timelines or on which cluster wrote a record:
 //!
-//! * **ours**: the same system identifier (a primary and its physical standbys share it; a
-//!   fresh `initdb` or a restored dump does not) and the same database;
-//! * **on our history**: the timeline that the current timeline's history gives for the
-//!   record's `commit_lsn` is the record's own. A record that another branch wrote (an old
-//!   primary that published past the point where this standby was promoted, the future that a
-//!   point-in-time recovery abandoned) can then never make the relay skip an event, although
-//!   its LSN may be above the new timeline's;
-//! * **routed as now**: the same partition count, since a key maps to another partition once
-//!   partitions are added.
+//! * an id is a UUIDv7 drawn from 74 random bits by `emit`: another database, another cluster,
+//!   or another timeline's event at the same LSN carries another id;
+//! * the same event on a promoted standby (the old primary's WAL, replicated) carries the same
+//!   id at the same position, and is rightly skipped;
+//! * an event redelivered from `outbox.dead_letter` keeps its id but has a new position.
 //!
-//! Anything else is ignored: at worst the relay produces an event again (a duplicate), never
-//! skips one that is not there (a loss).
+//! What the scan misses (records gone to retention, a partition added since, a record beyond
+//! the scan's bounds, a produce request of a dead process that lands after the scan) costs a
+//! duplicate, never a loss.
 
 use crate::routing::Position;
+use std::collections::HashSet;
 
-/// Where a record came from (see the module's documentation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Source {
-    pub system_identifier: u64,
-    pub database: u32,
-    pub timeline: u32,
-    pub partitions: u32,
+/// Records of other producers and of ours at positions the relay will not decode again are
+/// skipped over while the scan goes back; it stops at the first chunk whose records are all
+/// older (by timestamp) than the first event's commit time minus this. Generous: a commit
+/// timestamp is taken shortly before the commit record is inserted, and clocks step.
+pub const SKEW_MS: i64 = 60_000;
+
+/// The most records one scan reads in a partition. The relay's own records that matter are
+/// its last unconfirmed ones: at most what librdkafka holds (`queue.buffering.max.messages`)
+/// plus what was acknowledged since the last confirmation (100 ms of drain).
+pub const MAX_RECORDS: usize = 200_000;
+
+/// An event as the scan knows it: its position and its id.
+pub type Mark = (Position, [u8; 16]);
+
+/// What a partition holds, as far as the scan read it.
+#[derive(Debug, Default, Clone)]
+pub struct Delivered {
+    marks: HashSet<Mark>,
+    /// The highest position among `marks`: events above it are not looked up.
+    top: Option<Position>,
 }
 
-/// The header that carries a record's [`Source`].
-pub const SOURCE_HEADER: &str = "outbox_source";
-
-/// The longest text of [`SOURCE_HEADER`]'s value, for emit's size check.
-pub const MAX_SOURCE_TEXT: &str = "18446744073709551615.4294967295.4294967295.4294967295";
-
-impl Source {
-    /// `<system identifier>.<database oid>.<timeline>.<partition count>`, decimal.
-    pub fn to_text(&self) -> String {
-        format!("{}.{}.{}.{}", self.system_identifier, self.database, self.timeline, self.partitions)
+impl Delivered {
+    /// Whether the partition holds the event with this `id` at this `position`.
+    pub fn holds(&self, position: Position, id: &[u8; 16]) -> bool {
+        self.top.is_some_and(|top| position <= top) && self.marks.contains(&(position, *id))
     }
 
-    /// None unless `text` is exactly what [`Source::to_text`] writes.
-    pub fn parse(text: &str) -> Option<Source> {
-        fn number<T: std::str::FromStr>(part: Option<&str>) -> Option<T> {
-            part.filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))?.parse().ok()
-        }
-        let mut parts = text.split('.');
-        let source = Source {
-            system_identifier: number(parts.next())?,
-            database: number(parts.next())?,
-            timeline: number(parts.next())?,
-            partitions: number(parts.next())?,
+    pub fn len(&self) -> usize {
+        self.marks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.marks.is_empty()
+    }
+}
+
+/// A backward scan of one partition, fed the records of each chunk it reads.
+#[derive(Debug)]
+pub struct Scan {
+    /// The commit time (Unix ms) of the first event the relay will produce to the partition.
+    since_ms: i64,
+    read: usize,
+    oldest_in_chunk: Option<i64>,
+    found: Delivered,
+}
+
+impl Scan {
+    pub fn new(since_ms: i64) -> Scan {
+        Scan { since_ms, read: 0, oldest_in_chunk: None, found: Delivered::default() }
+    }
+
+    /// One record of the partition, with its timestamp and the values of its `id`,
+    /// `commit_lsn` and `commit_index` headers. Records without them (another producer's, or
+    /// made before outbox_ext had position headers) count towards the bound only.
+    pub fn record(&mut self, timestamp_ms: i64, id: Option<&[u8]>, commit_lsn: Option<&[u8]>, commit_index: Option<&[u8]>) {
+        self.read += 1;
+        self.oldest_in_chunk = Some(self.oldest_in_chunk.map_or(timestamp_ms, |t| t.min(timestamp_ms)));
+        let (Some(id), Some(lsn), Some(index)) = (id.and_then(parse_uuid), number(commit_lsn), number(commit_index))
+        else {
+            return;
         };
-        parts.next().is_none().then_some(source)
+        let position = Position { commit_lsn: lsn, commit_index: index };
+        self.found.marks.insert((position, id));
+        self.found.top = Some(self.found.top.map_or(position, |t| t.max(position)));
+    }
+
+    /// A chunk was read (`reached_low`: it began at the partition's low watermark). Whether
+    /// the scan goes on with the chunk before it.
+    pub fn go_back(&mut self, reached_low: bool) -> bool {
+        let oldest = self.oldest_in_chunk.take();
+        let recent = oldest.is_none_or(|t| t >= self.since_ms.saturating_sub(SKEW_MS));
+        !reached_low && self.read < MAX_RECORDS && recent
+    }
+
+    pub fn records_read(&self) -> usize {
+        self.read
+    }
+
+    pub fn finish(self) -> Delivered {
+        self.found
     }
 }
 
-/// One timeline of a history: WAL before `end` (exclusive; `u64::MAX` for the current one)
-/// and from the previous entry's end on is on timeline `tli`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TimelineSpan {
-    pub tli: u32,
-    pub end: u64,
+fn number(text: Option<&[u8]>) -> Option<u64> {
+    let text = std::str::from_utf8(text?).ok()?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
-/// The current timeline's history, oldest first, as `readTimeLineHistory` gives it (with the
-/// current timeline last, ending at `u64::MAX`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct History {
-    spans: Vec<TimelineSpan>,
+/// The 16 bytes of a hyphenated UUID (as `uuid7::to_hyphenated` writes it, either case).
+pub fn parse_uuid(text: &[u8]) -> Option<[u8; 16]> {
+    if text.len() != 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    let mut nibbles = 0;
+    for (i, &c) in text.iter().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if c != b'-' {
+                return None;
+            }
+            continue;
+        }
+        let v = (c as char).to_digit(16)? as u8;
+        out[nibbles / 2] |= if nibbles % 2 == 0 { v << 4 } else { v };
+        nibbles += 1;
+    }
+    Some(out)
 }
 
-impl History {
-    /// `spans` oldest first; the last is the current timeline.
-    pub fn new(mut spans: Vec<TimelineSpan>) -> History {
-        spans.sort_by_key(|s| s.end);
-        History { spans }
-    }
-
-    /// A history of one timeline (a server never promoted).
-    pub fn single(tli: u32) -> History {
-        History { spans: vec![TimelineSpan { tli, end: u64::MAX }] }
-    }
-
-    /// The timeline WAL at `lsn` is on, in this history (PostgreSQL's `tliOfPointInHistory`).
-    pub fn timeline_at(&self, lsn: u64) -> u32 {
-        self.spans.iter().find(|s| lsn < s.end).or(self.spans.last()).map_or(0, |s| s.tli)
-    }
-
-    pub fn current(&self) -> u32 {
-        self.spans.last().map_or(0, |s| s.tli)
-    }
-}
-
-/// Which records count for the rule: this relay's system identifier, database and history,
-/// and the partition count it routes a topic under now.
-#[derive(Debug, Clone)]
-pub struct Ours<'a> {
-    pub system_identifier: u64,
-    pub database: u32,
-    pub history: &'a History,
-    pub partitions: u32,
-}
-
-impl Ours<'_> {
-    /// The position of a record with these `source` and `position` headers' values, if it is
-    /// one the rule may rely on.
-    pub fn position_of(&self, source: Option<&str>, commit_lsn: Option<&str>, commit_index: Option<&str>) -> Option<Position> {
-        let source = Source::parse(source?)?;
-        let position = Position { commit_lsn: commit_lsn?.parse().ok()?, commit_index: commit_index?.parse().ok()? };
-        let ours = source.system_identifier == self.system_identifier
-            && source.database == self.database
-            && source.partitions == self.partitions
-            && self.history.timeline_at(position.commit_lsn) == source.timeline;
-        ours.then_some(position)
-    }
-}
-
-/// What a partition's tail says about events still to produce there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What the relay knows of a partition before producing to it.
+#[derive(Debug, Clone, Default)]
 pub enum Tail {
     /// Not read yet (after a start, a rewind or a promotion).
     #[default]
     Unknown,
-    /// Read: the highest position among our records there, if any.
-    Read(Option<Position>),
-    /// Could not be read (no permission, a timeout): produce everything (at least once).
+    /// Read: events found there are skipped.
+    Read(Delivered),
+    /// Not read (no permission, a timeout, exactly once off): produce everything.
     Unreadable,
 }
 
 impl Tail {
-    /// Whether an event at `position` is already in the partition, so that producing it again
-    /// would duplicate it.
-    pub fn covers(&self, position: Position) -> bool {
-        matches!(self, Tail::Read(Some(top)) if position <= *top)
+    /// Whether the event with `id` at `position` is already in the partition.
+    pub fn holds(&self, position: Position, id: &[u8; 16]) -> bool {
+        matches!(self, Tail::Read(d) if d.holds(position, id))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::uuid7;
 
     fn p(commit_lsn: u64, commit_index: u64) -> Position {
         Position { commit_lsn, commit_index }
     }
 
+    fn id(n: u8) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        id[0] = 0x01;
+        id[15] = n;
+        id
+    }
+
+    fn feed(scan: &mut Scan, ts: i64, n: u8, position: Position) {
+        let text = uuid7::to_hyphenated(&id(n));
+        scan.record(
+            ts,
+            Some(text.as_bytes()),
+            Some(position.commit_lsn.to_string().as_bytes()),
+            Some(position.commit_index.to_string().as_bytes()),
+        );
+    }
+
     #[test]
-    fn sources_round_trip_and_refuse_anything_else() {
-        let s = Source { system_identifier: u64::MAX, database: u32::MAX, timeline: u32::MAX, partitions: u32::MAX };
-        assert_eq!(s.to_text(), MAX_SOURCE_TEXT);
-        assert_eq!(Source::parse(&s.to_text()), Some(s));
-        let small = Source { system_identifier: 7, database: 5, timeline: 1, partitions: 3 };
-        assert_eq!(Source::parse("7.5.1.3"), Some(small));
-        for bad in ["", "7.5.1", "7.5.1.3.9", "7.5.1.x", "7..1.3", "+7.5.1.3", " 7.5.1.3", "7.5.1.4294967296"] {
-            assert_eq!(Source::parse(bad), None, "{bad:?}");
+    fn uuids_round_trip_and_nothing_else_parses() {
+        let mut g = uuid7::Uuid7Generator::new(7);
+        for _ in 0..100 {
+            let id = g.generate(1_700_000_000_000);
+            let text = uuid7::to_hyphenated(&id);
+            assert_eq!(parse_uuid(text.as_bytes()), Some(id));
+            assert_eq!(parse_uuid(text.to_uppercase().as_bytes()), Some(id));
+        }
+        for bad in ["", "0190b4d2-6a4f-7c1e-8f00-00000000000", "0190b4d2x6a4f-7c1e-8f00-000000000000", "0190b4d2-6a4f-7c1e-8f00-00000000000g"] {
+            assert_eq!(parse_uuid(bad.as_bytes()), None, "{bad:?}");
         }
     }
 
     #[test]
-    fn the_timeline_of_a_point_follows_the_history() {
-        // Timeline 1 until 0/3000000, 2 until 0/5000000, then 3.
-        let h = History::new(vec![
-            TimelineSpan { tli: 3, end: u64::MAX },
-            TimelineSpan { tli: 1, end: 0x300_0000 },
-            TimelineSpan { tli: 2, end: 0x500_0000 },
-        ]);
-        assert_eq!(h.timeline_at(0), 1);
-        assert_eq!(h.timeline_at(0x2ff_ffff), 1);
-        assert_eq!(h.timeline_at(0x300_0000), 2);
-        assert_eq!(h.timeline_at(0x500_0000), 3);
-        assert_eq!(h.current(), 3);
-        assert_eq!(History::single(1).timeline_at(u64::MAX - 1), 1);
-    }
-
-    #[test]
-    fn only_our_records_on_our_history_and_routing_count() {
-        // Promoted at 0/5000000: timeline 1 before, 2 after.
-        let history = History::new(vec![TimelineSpan { tli: 1, end: 0x500_0000 }, TimelineSpan { tli: 2, end: u64::MAX }]);
-        let ours = Ours { system_identifier: 42, database: 5, history: &history, partitions: 3 };
-        let at = |source: &str, lsn: u64| ours.position_of(Some(source), Some(&lsn.to_string()), Some("4"));
-        // The old primary's records before the switch, and ours after it.
-        assert_eq!(at("42.5.1.3", 0x400_0000), Some(p(0x400_0000, 4)));
-        assert_eq!(at("42.5.2.3", 0x600_0000), Some(p(0x600_0000, 4)));
-        // The old primary published past the switch point: another branch, never ours.
-        assert_eq!(at("42.5.1.3", 0x600_0000), None);
-        // A timeline that claims WAL from before it began.
-        assert_eq!(at("42.5.2.3", 0x400_0000), None);
-        // Another cluster, another database, another partition count.
-        assert_eq!(at("43.5.1.3", 0x400_0000), None);
-        assert_eq!(at("42.6.1.3", 0x400_0000), None);
-        assert_eq!(at("42.5.1.4", 0x400_0000), None);
-        // A record without the headers (another producer, or made before they existed).
-        assert_eq!(ours.position_of(None, Some("1"), Some("0")), None);
-        assert_eq!(ours.position_of(Some("42.5.1.3"), None, Some("0")), None);
-        assert_eq!(ours.position_of(Some("42.5.1.3"), Some("x"), Some("0")), None);
-    }
-
-    #[test]
-    fn a_tail_covers_what_is_at_or_below_it_and_nothing_when_unknown() {
-        let tail = Tail::Read(Some(p(100, 2)));
-        assert!(tail.covers(p(99, 7)));
-        assert!(tail.covers(p(100, 2)));
-        assert!(!tail.covers(p(100, 3)));
-        assert!(!tail.covers(p(101, 0)));
-        for nothing in [Tail::Unknown, Tail::Unreadable, Tail::Read(None)] {
-            assert!(!nothing.covers(p(0, 0)));
+    fn only_the_same_event_at_the_same_position_is_held() {
+        let mut scan = Scan::new(1_000_000);
+        feed(&mut scan, 1_000_000, 1, p(100, 0));
+        feed(&mut scan, 1_000_000, 2, p(100, 1));
+        scan.record(1_000_000, None, Some(b"500"), Some(b"0")); // another producer's record
+        scan.record(1_000_000, Some(b"not a uuid"), Some(b"500"), Some(b"0"));
+        let tail = Tail::Read(scan.finish());
+        assert!(tail.holds(p(100, 0), &id(1)));
+        assert!(tail.holds(p(100, 1), &id(2)));
+        // Below the highest record found but not in the partition: a gap is never skipped.
+        assert!(!tail.holds(p(99, 0), &id(3)));
+        // Another timeline's (or cluster's) event at a position found here: another id.
+        assert!(!tail.holds(p(100, 0), &id(9)));
+        // A redelivered event: its id, at a new position.
+        assert!(!tail.holds(p(200, 0), &id(1)));
+        for nothing in [Tail::Unknown, Tail::Unreadable, Tail::Read(Delivered::default())] {
+            assert!(!nothing.holds(p(100, 0), &id(1)));
         }
+    }
+
+    #[test]
+    fn the_scan_goes_back_until_old_records_the_low_watermark_or_its_bound() {
+        let since = 10_000_000;
+        let mut scan = Scan::new(since);
+        feed(&mut scan, since + 5, 1, p(10, 0));
+        assert!(scan.go_back(false));
+        // An empty chunk (compacted away) tells nothing: go on.
+        assert!(scan.go_back(false));
+        feed(&mut scan, since - SKEW_MS + 1, 2, p(9, 0));
+        assert!(scan.go_back(false));
+        assert!(!scan.go_back(true), "the low watermark ends it");
+        feed(&mut scan, since - SKEW_MS - 1, 3, p(8, 0));
+        feed(&mut scan, since, 4, p(8, 1));
+        assert!(!scan.go_back(false), "a chunk reaching back past the skew ends it");
+        let mut big = Scan::new(since);
+        for _ in 0..MAX_RECORDS {
+            big.record(since, None, None, None);
+        }
+        assert!(!big.go_back(false));
+        assert_eq!(big.records_read(), MAX_RECORDS);
+        assert!(big.finish().is_empty());
     }
 }

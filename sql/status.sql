@@ -13,7 +13,8 @@ CREATE FUNCTION status(
     OUT dead_lettered bigint,
     OUT last_error text,
     OUT last_error_at timestamptz,
-    OUT last_delivery_at timestamptz)
+    OUT last_delivery_at timestamptz,
+    OUT delivery_guarantee text)
 RETURNS record
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -32,14 +33,15 @@ AS $$
            r.dead_lettered,
            r.last_error,
            r.last_error_at,
-           r.last_delivery_at
+           r.last_delivery_at,
+           r.delivery_guarantee
     FROM @extschema@._relay_state() r
     LEFT JOIN pg_replication_slots s
            ON s.slot_name = r.slot_name
            OR (r.slot_name IS NULL AND s.plugin = 'outbox_ext' AND s.database = current_database())
 $$;
 COMMENT ON FUNCTION status() IS
-    'This database''s outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries, messages skipped because emit did not write them (rejected_records), events Kafka refused for good that were set aside (dead_lettered), and the last error.';
+    'This database''s outbox relay: worker, state, slot position, WAL not yet relayed (pending_bytes), deliveries, messages skipped because emit did not write them (rejected_records), events Kafka refused for good that were set aside (dead_lettered), the last error, and the delivery guarantee in force (exactly once, or at least once and why).';
 
 CREATE FUNCTION relays(
     OUT database name,

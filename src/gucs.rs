@@ -25,6 +25,7 @@ static MAX_PAYLOAD_BYTES_GUC: GucSetting<i32> = GucSetting::<i32>::new(1_000_000
 static MAX_RECORD_BYTES_GUC: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 static MAX_PENDING_MB_GUC: GucSetting<i32> = GucSetting::<i32>::new(0);
 static FAILOVER_SLOT_GUC: GucSetting<bool> = GucSetting::<bool>::new(true);
+static EXACTLY_ONCE_GUC: GucSetting<bool> = GucSetting::<bool>::new(true);
 static ON_PERMANENT_ERROR_GUC: GucSetting<PermanentErrorSetting> =
     GucSetting::<PermanentErrorSetting>::new(PermanentErrorSetting::Stop);
 static DEAD_LETTER_TOPIC_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"outbox.dead_letter"));
@@ -115,6 +116,14 @@ pub fn init() {
         GucContext::Postmaster,
         GucFlags::empty(),
     );
+    GucRegistry::define_bool_guc(
+        c"outbox.exactly_once",
+        c"After a start, a rewind or a promotion, the relay reads what its partitions already hold and does not produce those events again.",
+        c"off: at least once (events acknowledged but not yet confirmed are produced again after a crash).",
+        &EXACTLY_ONCE_GUC,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
     GucRegistry::define_enum_guc(
         c"outbox.on_permanent_error",
         c"What the relay does with an event Kafka refuses for good: stop (until outbox.resume()) or dead_letter.",
@@ -187,6 +196,11 @@ pub fn on_permanent_error() -> OnPermanentError {
 
 pub fn dead_letter_topic() -> String {
     string(&DEAD_LETTER_TOPIC_GUC).trim().to_string()
+}
+
+/// Whether the relay reads its partitions' tails so as not to produce an event twice.
+pub fn exactly_once() -> bool {
+    EXACTLY_ONCE_GUC.get()
 }
 
 /// Whether the relay makes its slot a failover slot (17 and later).

@@ -77,6 +77,45 @@ impl RelayState {
     }
 }
 
+/// The delivery guarantee in force for a relay's producer, as `outbox.status()` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Guarantee {
+    /// No producer (not streaming yet, or stopped).
+    Unknown = 0,
+    ExactlyOnce = 1,
+    /// `outbox.exactly_once` is off.
+    Off = 2,
+    /// `outbox.kafka_properties` sets a partitioner other than Kafka's murmur2.
+    Partitioner = 3,
+    /// A topic's partitions could not be read (see last_error).
+    Unreadable = 4,
+}
+
+impl Guarantee {
+    pub fn as_str(self) -> Option<&'static str> {
+        match self {
+            Guarantee::Unknown => None,
+            Guarantee::ExactlyOnce => Some("exactly once"),
+            Guarantee::Off => Some("at least once: outbox.exactly_once is off"),
+            Guarantee::Partitioner => {
+                Some("at least once: outbox.kafka_properties sets a partitioner other than murmur2_random")
+            }
+            Guarantee::Unreadable => Some("at least once: a topic could not be read (see last_error)"),
+        }
+    }
+
+    fn from_u8(v: u8) -> Guarantee {
+        match v {
+            1 => Guarantee::ExactlyOnce,
+            2 => Guarantee::Off,
+            3 => Guarantee::Partitioner,
+            4 => Guarantee::Unreadable,
+            _ => Guarantee::Unknown,
+        }
+    }
+}
+
 /// The entry this process writes as a relay (usize::MAX: none), for the exit callback.
 static MY_ENTRY: AtomicUsize = AtomicUsize::new(usize::MAX);
 
@@ -139,6 +178,10 @@ impl StatusWriter {
     }
 
     /// The slot this relay serves, for `outbox.status()` and `outbox.relays()`.
+    pub fn set_guarantee(&mut self, guarantee: Guarantee) {
+        self.with(|e| e.guarantee = guarantee as u8);
+    }
+
     pub fn set_slot(&mut self, slot: &str) {
         self.with(|e| e.slot_name = ShortName::new(slot));
     }
@@ -221,6 +264,7 @@ impl StatusWriter {
         self.with(|e| {
             e.worker_pid = 0;
             e.state = RelayState::Stopped as u8;
+            e.guarantee = Guarantee::Unknown as u8;
         });
         self.state = RelayState::Stopped;
     }
@@ -236,6 +280,7 @@ fn clear_on_exit() {
     if e.worker_pid == crate::ffi::my_pid() {
         e.worker_pid = 0;
         e.state = RelayState::Stopped as u8;
+        e.guarantee = Guarantee::Unknown as u8;
         e.retiring = false;
     }
 }
@@ -272,6 +317,7 @@ struct Snapshot {
     last_error: Option<String>,
     last_error_at: Option<TimestampWithTimeZone>,
     last_delivery_at: Option<TimestampWithTimeZone>,
+    delivery_guarantee: Option<String>,
 }
 
 impl Snapshot {
@@ -288,6 +334,7 @@ impl Snapshot {
                 .then(|| String::from_utf8_lossy(&e.last_error[..e.last_error_len as usize]).into_owned()),
             last_error_at: timestamp(e.last_error_at),
             last_delivery_at: timestamp(e.last_delivery_at),
+            delivery_guarantee: Guarantee::from_u8(e.guarantee).as_str().map(str::to_string),
         }
     }
 }
@@ -313,6 +360,7 @@ fn relay_state() -> TableIterator<
         name!(last_error_at, Option<TimestampWithTimeZone>),
         name!(last_delivery_at, Option<TimestampWithTimeZone>),
         name!(slot_name, Option<String>),
+        name!(delivery_guarantee, Option<String>),
     ),
 > {
     let s = snapshot();
@@ -326,6 +374,7 @@ fn relay_state() -> TableIterator<
         s.last_error_at,
         s.last_delivery_at,
         s.slot_name,
+        s.delivery_guarantee,
     ))
 }
 

@@ -74,6 +74,8 @@ pub struct RelayEntry {
     pub records_rejected: u64,
     /// Events Kafka refused for good that were set aside (dead-letter topic or table).
     pub events_dead_lettered: u64,
+    /// A `status::Guarantee`: the delivery guarantee in force for the relay's producer.
+    pub guarantee: u8,
 }
 
 impl RelayEntry {
@@ -95,6 +97,7 @@ impl RelayEntry {
         ack_latency: [0; latency::BUCKETS],
         records_rejected: 0,
         events_dead_lettered: 0,
+        guarantee: 0,
     };
 }
 

@@ -5,6 +5,7 @@
 
 use super::produce::{Failure, KafkaProducer, QueueFull, Report};
 use super::signals;
+use super::tail::{ReadError, Tails};
 use crate::ffi::{DecodeSink, TxnInfo};
 use outbox_core::auth::RecordKey;
 use outbox_core::dead_letter::{self as dl, DeadLetter, OnPermanentError, Record, Refusal};
@@ -204,6 +205,8 @@ pub struct EventRouter {
     pub broker_trouble: bool,
     /// The `commit_index` of the next event of the transaction being decoded.
     next_index: u64,
+    /// With `outbox.exactly_once`: each partition's tail, read before the first record to it.
+    pub tails: Option<Tails>,
 }
 
 impl EventRouter {
@@ -226,6 +229,7 @@ impl EventRouter {
             last_ack: Instant::now(),
             broker_trouble: false,
             next_index: 0,
+            tails: None,
         }
     }
 
@@ -342,7 +346,7 @@ impl EventRouter {
             let headers = dl::dead_letter_headers(&dead.record.headers, &dead.refusal, now_ms);
             let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             let r = &dead.record;
-            match self.producer.send(&self.policy.topic, &r.key, &r.value, &headers, r.timestamp_ms, dead.seq, true) {
+            match self.producer.send(&self.policy.topic, None, &r.key, &r.value, &headers, r.timestamp_ms, dead.seq, true) {
                 Ok(()) => {
                     self.to_topic.pop_front();
                 }
@@ -407,8 +411,8 @@ impl EventRouter {
     /// Hands one event of `txn`, at `position`, to the producer.
     fn route(&mut self, txn: TxnInfo, position: Position, ev: &EventRef<'_>) {
         let id = routing::id_text(ev);
-        let position = PositionText::new(position);
-        let headers = routing::record_headers(ev, &id, &position);
+        let position_text = PositionText::new(position);
+        let headers = routing::record_headers(ev, &id, &position_text);
         let timestamp = routing::pg_timestamp_to_unix_ms(txn.commit_time);
         let seq = self.tracker.add_event(txn.end_lsn, txn.commit_time);
         let topic = self.topic(ev.aggregatetype).to_string();
@@ -422,8 +426,25 @@ impl EventRouter {
                 return;
             }
         }
+        let mut partition = None;
+        if let Some(tails) = self.tails.as_mut() {
+            match tails.place(&topic, ev.aggregateid, position, &ev.id, timestamp) {
+                Ok(placed) if placed.held => {
+                    // Kafka holds it already (produced before a crash or a rewind).
+                    let p = self.tracker.delivered(seq, true);
+                    self.record(p);
+                    return;
+                }
+                Ok(placed) => partition = placed.partition,
+                Err(ReadError::Unavailable(why) | ReadError::NotAuthorized(why)) => {
+                    self.tracker.delivered(seq, false);
+                    self.fail(Failure::passing(why, &topic));
+                    return;
+                }
+            }
+        }
         loop {
-            match self.producer.send(&topic, ev.aggregateid, ev.payload, &headers, timestamp, seq, false) {
+            match self.producer.send(&topic, partition, ev.aggregateid, ev.payload, &headers, timestamp, seq, false) {
                 Ok(()) => return,
                 Err(Ok(QueueFull)) => {
                     // Back-pressure: librdkafka holds as much as queue.buffering.max.kbytes

@@ -4,6 +4,7 @@
 //!
 //! * `worker.rs`  — the loop, its states, signals, backoff and confirmation
 //! * `decode.rs`  — WAL message → event → Kafka record (the decoding sink)
+//! * `tail.rs`    — what Kafka already holds: each partition's tail, read before producing
 //! * `produce.rs` — the librdkafka producer and its delivery reports
 //! * `slot.rs`    — the replication slot's lifetime: made, guarded, retired with the extension
 //! * `key.rs`     — which key the relay opens its slot's records with
@@ -15,6 +16,7 @@ pub mod key;
 pub mod produce;
 pub mod signals;
 pub mod slot;
+pub mod tail;
 pub mod test_hooks;
 pub mod worker;
 
@@ -61,6 +63,8 @@ pub struct RelaySettings {
     pub max_record_bytes: usize,
     /// `outbox.on_permanent_error` and `outbox.dead_letter_topic`.
     pub dead_letters: decode::DeadLetterPolicy,
+    /// `outbox.exactly_once`.
+    pub exactly_once: bool,
     /// May hold secrets: never logged, never shown (see the Debug impl).
     kafka_properties: String,
 }
@@ -72,6 +76,7 @@ impl std::fmt::Debug for RelaySettings {
             .field("topic_template", &self.topic_template)
             .field("max_record_bytes", &self.max_record_bytes)
             .field("dead_letters", &self.dead_letters)
+            .field("exactly_once", &self.exactly_once)
             .field("kafka_properties", &"<hidden>")
             .finish()
     }
@@ -89,6 +94,7 @@ impl RelaySettings {
                 on_permanent_error: gucs::on_permanent_error(),
                 topic: gucs::dead_letter_topic(),
             },
+            exactly_once: gucs::exactly_once(),
             kafka_properties: gucs::kafka_properties(),
         }
     }
@@ -126,5 +132,6 @@ impl RelaySettings {
         self.bootstrap_servers != other.bootstrap_servers
             || self.kafka_properties != other.kafka_properties
             || self.max_record_bytes != other.max_record_bytes
+            || self.exactly_once != other.exactly_once
     }
 }

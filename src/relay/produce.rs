@@ -106,6 +106,16 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// A failure that a rewind may get past (Kafka did not answer), described by `message`.
+    pub fn passing(message: String, topic: &str) -> Failure {
+        Failure {
+            refusal: Refusal { code: -1, message: message.clone(), topic: topic.to_string() },
+            message,
+            permanent: false,
+            record: None,
+        }
+    }
+
     /// Kafka refused event `id` for `topic` with `error`.
     pub fn of(id: &str, topic: &str, error: &KafkaError) -> Failure {
         let code = error.rdkafka_error_code();
@@ -215,13 +225,14 @@ impl KafkaProducer {
         Ok(KafkaProducer { producer, reports: rx })
     }
 
-    /// Hands one record to librdkafka (which copies it). On a full queue the caller should
-    /// poll and try again. `dead_letter` marks the dead-letter copy of a refused record: its
+    /// Hands one record to librdkafka (which copies it), to `partition` or, if None, to the one
+    /// librdkafka's partitioner picks. On a full queue the caller should poll and try again. `dead_letter` marks the dead-letter copy of a refused record: its
     /// report says so.
     #[allow(clippy::too_many_arguments)]
     pub fn send(
         &self,
         topic: &str,
+        partition: Option<i32>,
         key: &str,
         payload: &str,
         headers: &[(&str, &str)],
@@ -238,7 +249,11 @@ impl KafkaProducer {
             let _ = self.producer.context().reports.send(Report::Delivery { seq, dead_letter, error: None });
             return Ok(());
         }
-        let record = BaseRecord::with_opaque_to(topic, pack_opaque(seq, dead_letter))
+        let mut record = BaseRecord::with_opaque_to(topic, pack_opaque(seq, dead_letter));
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        let record = record
             .key(key)
             .payload(payload)
             .timestamp(timestamp_ms)

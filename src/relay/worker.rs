@@ -20,13 +20,14 @@ use super::key;
 use super::produce::KafkaProducer;
 use super::signals::{pause, shutdown_requested, sleep, take_reload};
 use super::slot::{self, Due, Retirement, SlotWait};
+use super::tail::Tails;
 use super::test_hooks;
 use super::RelaySettings;
 use crate::ffi::{self, DecodeSink, DecodingSession, TxnInfo};
 use crate::gucs;
 use pgrx::pg_sys;
 use crate::record_key::InstalledKey;
-use crate::status::{RelayState, StatusWriter};
+use crate::status::{Guarantee, RelayState, StatusWriter};
 use outbox_core::routing;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -451,6 +452,21 @@ impl Relay {
             Ok(p) => {
                 let mut router = EventRouter::new(p, self.settings.topic_template.clone(), self.settings.dead_letters.clone());
                 router.refused = std::mem::take(&mut self.refused);
+                let guarantee = match guarantee_of(&self.settings, &config) {
+                    Guarantee::ExactlyOnce => match Tails::new(&config) {
+                        Ok(tails) => {
+                            router.tails = Some(tails);
+                            Guarantee::ExactlyOnce
+                        }
+                        Err(e) => {
+                            warning!("outbox_ext relay: {e}; delivering at least once");
+                            self.status.set_error(&e);
+                            Guarantee::Unreadable
+                        }
+                    },
+                    other => other,
+                };
+                self.status.set_guarantee(guarantee);
                 self.router = Some(router);
                 self.status.set_state(RelayState::Streaming);
                 true
@@ -466,6 +482,12 @@ impl Relay {
     fn publish_progress(&mut self) {
         self.status.add_rejected(self.opener.take_rejected());
         let Some(router) = self.router.as_mut() else { return };
+        if let Some(why) = router.tails.as_mut().and_then(|t| t.unreadable.take()) {
+            let message = format!("{why}; events to that topic are delivered at least once");
+            warning!("outbox_ext relay: {message}");
+            self.status.set_error(&message);
+            self.status.set_guarantee(Guarantee::Unreadable);
+        }
         let delivered = router.take_delivered();
         if delivered > 0 {
             self.backoff = BACKOFF_MIN;
@@ -638,5 +660,18 @@ impl Relay {
         self.session = None;
         self.router = None;
         self.status.detach();
+    }
+}
+
+/// The guarantee `settings` allow with the producer configuration `config`: exactly once needs
+/// the setting on and Kafka's murmur2 partitioner, which the relay computes itself.
+fn guarantee_of(settings: &RelaySettings, config: &[(String, String)]) -> Guarantee {
+    if !settings.exactly_once {
+        return Guarantee::Off;
+    }
+    let partitioner = config.iter().rev().find(|(k, _)| k == "partitioner").map(|(_, v)| v.as_str());
+    match partitioner {
+        None | Some("murmur2_random" | "murmur2") => Guarantee::ExactlyOnce,
+        Some(_) => Guarantee::Partitioner,
     }
 }

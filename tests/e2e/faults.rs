@@ -1,10 +1,9 @@
 //! Broker faults under a live write load, injected into librdkafka's mock cluster. Each
-//! scenario ends with the checker: 0 lost, 0 phantom, 0 order violations, and duplicates
-//! within the stated bound.
+//! scenario ends with the checker: 0 lost, 0 phantom, 0 order violations, 0 duplicates.
 //!
-//! Duplicate bounds: a clean scenario allows none. Where the relay rewinds (a delivery failed,
-//! the producer was rebuilt), events acknowledged after the confirmed position are sent again,
-//! at most once per rewind; the bound allows one resend of every committed event.
+//! Where the relay rewinds (a delivery failed, the producer was rebuilt), it decodes again from
+//! the confirmed position, and the events Kafka acknowledged after it are found in their
+//! partitions' tails instead of being sent again (`outbox.exactly_once`).
 
 use outbox_tests::{
     check, holds_for, streaming_relay, wait_until, Collector, Emitted, Load, LoadShape, MockKafka, PgCluster, DEADLINE,
@@ -41,16 +40,12 @@ impl Scenario {
     }
 
     /// Stops the load, consumes every committed event, and asserts the checker's verdict.
-    fn finish(mut self, name: &str, bound: Duplicates) -> Emitted {
+    fn finish(mut self, name: &str) -> Emitted {
         let emitted = self.load.stop();
         self.consumer.until_all(&emitted, DEADLINE);
-        let max = match bound {
-            Duplicates::None => 0,
-            Duplicates::OneResendEach => emitted.committed.len(),
-        };
         let report = check(&emitted, &self.consumer.records);
         eprintln!("[{name}] {report}");
-        report.assert_ok(name, max);
+        report.assert_ok(name, 0);
         emitted
     }
 
@@ -65,13 +60,6 @@ impl Scenario {
     }
 }
 
-/// How many duplicates a scenario may produce.
-enum Duplicates {
-    None,
-    /// Where the relay rewinds: at most one resend of every committed event.
-    OneResendEach,
-}
-
 #[test]
 fn all_brokers_down_for_ten_seconds() {
     let s = Scenario::start("down", &[], LoadShape::default(), 2000);
@@ -83,7 +71,7 @@ fn all_brokers_down_for_ten_seconds() {
     });
     s.all_brokers(true);
     s.more(2000);
-    s.finish("brokers down 10 s", Duplicates::None);
+    s.finish("brokers down 10 s");
 }
 
 #[test]
@@ -95,7 +83,7 @@ fn outage_longer_than_message_timeout_keeps_key_order() {
     s.more(1000);
     s.all_brokers(true);
     s.more(2000);
-    s.finish("outage past message.timeout.ms", Duplicates::None);
+    s.finish("outage past message.timeout.ms");
 }
 
 #[test]
@@ -112,7 +100,7 @@ fn retriable_produce_errors_and_disconnects() {
         s.kafka.cluster.request_errors(RDKafkaApiKey::Produce, &errors.repeat(3));
         s.more(1000);
     }
-    s.finish("retriable produce errors", Duplicates::None);
+    s.finish("retriable produce errors");
 }
 
 #[test]
@@ -126,7 +114,7 @@ fn round_trip_longer_than_request_timeout() {
         s.kafka.cluster.broker_round_trip_time(b, Duration::ZERO).unwrap();
     }
     s.more(1000);
-    s.finish("round trip > request.timeout.ms", Duplicates::None);
+    s.finish("round trip > request.timeout.ms");
 }
 
 #[test]
@@ -146,7 +134,7 @@ fn partition_leaders_move_and_one_partition_has_none_for_twenty_seconds() {
     mock.partition_leader(&s.topic, 2, Some(1)).unwrap();
     s.kafka.broker_up(3);
     s.more(1000);
-    s.finish("leader moves, 20 s leaderless", Duplicates::None);
+    s.finish("leader moves, 20 s leaderless");
 }
 
 #[test]
@@ -163,14 +151,14 @@ fn fatal_idempotence_error_rebuilds_the_producer() {
     );
     wait_until("the relay to report the fatal error", DEADLINE, || !s.pg.status("last_error").is_empty());
     s.more(2000);
-    s.finish("fatal producer error", Duplicates::None);
+    s.finish("fatal producer error");
 }
 
 #[test]
 fn sixteen_writers_with_rollbacks_and_savepoint_rollbacks() {
     let shape = LoadShape { writers: 16, batch: 10, keys: 5, rollback_every: 4, savepoint_every: 3 };
     let s = Scenario::start("many", &[("max_connections", "50")], shape, 5000);
-    let emitted = s.finish("16 writers with rollbacks", Duplicates::None);
+    let emitted = s.finish("16 writers with rollbacks");
     assert!(!emitted.rolled_back.is_empty());
 }
 
@@ -181,7 +169,7 @@ fn sighup_with_new_bootstrap_servers_while_streaming() {
     let reversed: Vec<&str> = s.kafka.bootstrap.split(',').rev().collect();
     s.pg.set("outbox.bootstrap_servers", &reversed.join(","));
     s.more(2000);
-    s.finish("SIGHUP new bootstrap_servers", Duplicates::None);
+    s.finish("SIGHUP new bootstrap_servers");
 }
 
 /// Emits one event of `aggregatetype` (also its key) with a payload of about `size` bytes, in a transaction of
@@ -267,5 +255,5 @@ fn permanent_errors_stop_the_relay_until_an_operator_acts() {
     );
     probe_consumer.until_all(&probes, DEADLINE);
     check(&probes, &probe_consumer.records).assert_ok("permanent errors: refused events", probes.committed.len());
-    s.finish("permanent errors: the load around them", Duplicates::None);
+    s.finish("permanent errors: the load around them");
 }

@@ -189,3 +189,36 @@ fn a_relay_that_may_not_read_its_topic_delivers_at_least_once_and_says_so() {
     assert_eq!(pg.status("state"), "streaming");
     check(&emitted, &c.records).assert_ok("no permission to read the topic", emitted.committed.len());
 }
+
+/// The window the rule cannot close: a produce request that a relay sent before it was killed
+/// and that the broker reads only after the next relay read the partition's tail. The next
+/// relay produces those events again, and then the late request lands too: a duplicate, never
+/// a loss. (Proxies hold the request: the mock broker appends whatever it reads at once.)
+#[test]
+fn a_produce_request_landing_after_its_process_died_is_a_duplicate_never_a_loss() {
+    let topic = "outbox.event.late";
+    let kafka = outbox_tests::ProxiedKafka::start(3);
+    kafka.create_topic(topic, 3);
+    let pg = PgCluster::start(&[("outbox.bootstrap_servers", kafka.bootstrap.as_str())]);
+    pg.wait_for_state("streaming", DEADLINE);
+    let mut emitted = Emitted::default();
+    emit_committed(&pg, &mut emitted, "late", 1, 100);
+    wait_until("the first events to be acknowledged", DEADLINE, || pg.status("events_delivered") == "100");
+    kafka.hold();
+    emit_committed(&pg, &mut emitted, "late", 1, 500);
+    wait_until("produce requests to be held", DEADLINE, || kafka.held_bytes() > 10_000);
+    let pid = pg.worker_pid().expect("worker");
+    pg.signal(pid, "KILL");
+    wait_for_new_worker(&pg, pid);
+    emit_committed(&pg, &mut emitted, "late", 1, 100);
+    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
+    c.until_all(&emitted, DEADLINE);
+    check(&emitted, &c.records).assert_ok("before the dead relay's requests land", 0);
+    kafka.release();
+    c.until("the dead relay's records to land", DEADLINE, |r| r.len() > emitted.committed.len());
+    c.until_end(&[(topic, 3)], DEADLINE);
+    let report = check(&emitted, &c.records);
+    eprintln!("[a produce request landing after its process died] {report}");
+    report.assert_ok("a produce request landing after its process died", 500);
+    assert!(report.duplicates > 0, "{report}");
+}

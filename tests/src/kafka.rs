@@ -21,10 +21,15 @@ pub struct MockKafka {
 /// librdkafka then aborts the process. Test binaries already run one after another.
 static ONE_MOCK_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Waits for this process's previous mock cluster to be gone.
+pub(crate) fn one_mock_cluster() -> std::sync::MutexGuard<'static, ()> {
+    ONE_MOCK_CLUSTER.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl MockKafka {
     /// A mock cluster of `brokers` brokers.
     pub fn start(brokers: i32) -> MockKafka {
-        let guard = ONE_MOCK_CLUSTER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let guard = one_mock_cluster();
         let cluster = MockCluster::new(brokers).expect("mock cluster starts");
         let bootstrap = cluster.bootstrap_servers();
         MockKafka { cluster, bootstrap, _one_at_a_time: guard }

@@ -7,11 +7,13 @@ pub mod checker;
 pub mod cluster;
 pub mod kafka;
 pub mod load;
+pub mod proxy;
 
 pub use checker::{check, Emitted, Report};
 pub use cluster::{install_extension_script, pg_major, PgCluster};
 pub use kafka::{Collector, MockKafka, Record};
 pub use load::{Load, LoadShape};
+pub use proxy::ProxiedKafka;
 
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::RwLock;

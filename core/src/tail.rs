@@ -50,6 +50,11 @@ impl Delivered {
         self.top.is_some_and(|top| position <= top) && self.marks.contains(&(position, *id))
     }
 
+    /// Whether no event at or above `position` can be held: the relay has passed them all.
+    pub fn passed_by(&self, position: Position) -> bool {
+        self.top.is_none_or(|top| position >= top)
+    }
+
     pub fn len(&self) -> usize {
         self.marks.len()
     }
@@ -64,14 +69,17 @@ impl Delivered {
 pub struct Scan {
     /// The commit time (Unix ms) of the first event the relay will produce to the partition.
     since_ms: i64,
+    /// That event's position: records below it are of events the relay will not decode again.
+    first: Position,
     read: usize,
     oldest_in_chunk: Option<i64>,
     found: Delivered,
 }
 
 impl Scan {
-    pub fn new(since_ms: i64) -> Scan {
-        Scan { since_ms, read: 0, oldest_in_chunk: None, found: Delivered::default() }
+    /// A scan for the events from `first` on, the first of them committed at `since_ms`.
+    pub fn new(first: Position, since_ms: i64) -> Scan {
+        Scan { since_ms, first, read: 0, oldest_in_chunk: None, found: Delivered::default() }
     }
 
     /// One record of the partition, with its timestamp and the values of its `id`,
@@ -85,6 +93,10 @@ impl Scan {
             return;
         };
         let position = Position { commit_lsn: lsn, commit_index: index };
+        if position < self.first {
+            // Kept out of memory: no event the relay will decode can match it.
+            return;
+        }
         self.found.marks.insert((position, id));
         self.found.top = Some(self.found.top.map_or(position, |t| t.max(position)));
     }
@@ -196,12 +208,16 @@ mod tests {
 
     #[test]
     fn only_the_same_event_at_the_same_position_is_held() {
-        let mut scan = Scan::new(1_000_000);
+        let mut scan = Scan::new(p(99, 0), 1_000_000);
+        feed(&mut scan, 1_000_000, 7, p(98, 3)); // below the first event to produce: not kept
         feed(&mut scan, 1_000_000, 1, p(100, 0));
         feed(&mut scan, 1_000_000, 2, p(100, 1));
         scan.record(1_000_000, None, Some(b"500"), Some(b"0")); // another producer's record
         scan.record(1_000_000, Some(b"not a uuid"), Some(b"500"), Some(b"0"));
-        let tail = Tail::Read(scan.finish());
+        let delivered = scan.finish();
+        assert_eq!(delivered.len(), 2);
+        assert!(!delivered.passed_by(p(100, 0)) && delivered.passed_by(p(100, 1)) && delivered.passed_by(p(101, 0)));
+        let tail = Tail::Read(delivered);
         assert!(tail.holds(p(100, 0), &id(1)));
         assert!(tail.holds(p(100, 1), &id(2)));
         // Below the highest record found but not in the partition: a gap is never skipped.
@@ -218,7 +234,7 @@ mod tests {
     #[test]
     fn the_scan_goes_back_until_old_records_the_low_watermark_or_its_bound() {
         let since = 10_000_000;
-        let mut scan = Scan::new(since);
+        let mut scan = Scan::new(p(0, 0), since);
         feed(&mut scan, since + 5, 1, p(10, 0));
         assert!(scan.go_back(false));
         // An empty chunk (compacted away) tells nothing: go on.
@@ -229,7 +245,7 @@ mod tests {
         feed(&mut scan, since - SKEW_MS - 1, 3, p(8, 0));
         feed(&mut scan, since, 4, p(8, 1));
         assert!(!scan.go_back(false), "a chunk reaching back past the skew ends it");
-        let mut big = Scan::new(since);
+        let mut big = Scan::new(p(0, 0), since);
         for _ in 0..MAX_RECORDS {
             big.record(since, None, None, None);
         }

@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/outbox_ext/target
 
-.PHONY: demo test install deps bench bench-databases bench-profile package
+.PHONY: demo test install deps bench bench-databases bench-restart bench-profile package
 
 ## Install what is missing, build, and show events flowing from SQL to a local dev broker.
 demo: deps
@@ -27,6 +27,10 @@ bench: deps
 ## Only the several-databases part of the bench: idle CPU and memory of 10 relays, 4 × 250k vs 1 × 1M drain.
 bench-databases: deps
 	bash scripts/bench-databases.sh
+
+## What reading partition tails (outbox.exactly_once) costs a restart: 100 topics × 3 partitions, on vs off.
+bench-restart: deps
+	bash scripts/bench-restart.sh
 
 ## Count the writer's instructions per transaction with callgrind (about 2 minutes).
 bench-profile: deps

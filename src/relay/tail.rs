@@ -229,13 +229,16 @@ fn read(consumer: &BaseConsumer, topic: &str, p: i32, first: Position, since_ms:
     }
     let read = scan.records_read();
     let delivered = scan.finish();
+    let message = format!(
+        "outbox_ext relay: read {read} records of {topic} [{p}] in {} ms{}: {} of them are events this relay may decode again, which it will not produce twice",
+        started.elapsed().as_millis(),
+        if complete { "" } else { " (stopped at its deadline)" },
+        delivered.len()
+    );
     if !delivered.is_empty() || !complete {
-        pgrx::log!(
-            "outbox_ext relay: read {read} records of {topic} [{p}] in {} ms{}: {} of them are events this relay may decode again, which it will not produce twice",
-            started.elapsed().as_millis(),
-            if complete { "" } else { " (stopped at its deadline)" },
-            delivered.len()
-        );
+        pgrx::log!("{message}");
+    } else {
+        pgrx::debug1!("{message}");
     }
     Ok(delivered)
 }

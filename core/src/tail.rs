@@ -22,10 +22,17 @@
 use crate::routing::Position;
 use std::collections::HashSet;
 
-/// Records of other producers and of ours at positions the relay will not decode again are
-/// skipped over while the scan goes back; it stops at the first chunk whose records are all
-/// older (by timestamp) than the first event's commit time minus this. Generous: a commit
-/// timestamp is taken shortly before the commit record is inserted, and clocks step.
+/// The scan goes back chunk by chunk, and stops after the first chunk that shows it has gone
+/// past the records that matter:
+///
+/// * every record in it that carries a position is below the first event to produce. The
+///   relays of one cluster share its WAL, so their positions order their commits; a lagging
+///   relay of another database, or another cluster's records, can only make it stop early;
+/// * or every record in it is older (by timestamp) than the first event's commit time minus
+///   this. Generous: a commit timestamp is taken shortly before the commit record is inserted,
+///   and clocks step.
+///
+/// Stopping early costs duplicates, never a loss.
 pub const SKEW_MS: i64 = 60_000;
 
 /// The most records one scan reads in a partition. The relay's own records that matter are
@@ -73,13 +80,24 @@ pub struct Scan {
     first: Position,
     read: usize,
     oldest_in_chunk: Option<i64>,
+    /// The chunk had records with a position, and some at or above `first`.
+    chunk_positioned: bool,
+    chunk_reaches_first: bool,
     found: Delivered,
 }
 
 impl Scan {
     /// A scan for the events from `first` on, the first of them committed at `since_ms`.
     pub fn new(first: Position, since_ms: i64) -> Scan {
-        Scan { since_ms, first, read: 0, oldest_in_chunk: None, found: Delivered::default() }
+        Scan {
+            since_ms,
+            first,
+            read: 0,
+            oldest_in_chunk: None,
+            chunk_positioned: false,
+            chunk_reaches_first: false,
+            found: Delivered::default(),
+        }
     }
 
     /// One record of the partition, with its timestamp and the values of its `id`,
@@ -88,11 +106,11 @@ impl Scan {
     pub fn record(&mut self, timestamp_ms: i64, id: Option<&[u8]>, commit_lsn: Option<&[u8]>, commit_index: Option<&[u8]>) {
         self.read += 1;
         self.oldest_in_chunk = Some(self.oldest_in_chunk.map_or(timestamp_ms, |t| t.min(timestamp_ms)));
-        let (Some(id), Some(lsn), Some(index)) = (id.and_then(parse_uuid), number(commit_lsn), number(commit_index))
-        else {
-            return;
-        };
+        let (Some(lsn), Some(index)) = (number(commit_lsn), number(commit_index)) else { return };
         let position = Position { commit_lsn: lsn, commit_index: index };
+        self.chunk_positioned = true;
+        self.chunk_reaches_first |= position >= self.first;
+        let Some(id) = id.and_then(parse_uuid) else { return };
         if position < self.first {
             // Kept out of memory: no event the relay will decode can match it.
             return;
@@ -106,7 +124,9 @@ impl Scan {
     pub fn go_back(&mut self, reached_low: bool) -> bool {
         let oldest = self.oldest_in_chunk.take();
         let recent = oldest.is_none_or(|t| t >= self.since_ms.saturating_sub(SKEW_MS));
-        !reached_low && self.read < MAX_RECORDS && recent
+        let below_first = std::mem::take(&mut self.chunk_positioned) && !std::mem::take(&mut self.chunk_reaches_first);
+        self.chunk_reaches_first = false;
+        !reached_low && self.read < MAX_RECORDS && recent && !below_first
     }
 
     pub fn records_read(&self) -> usize {
@@ -245,6 +265,18 @@ mod tests {
         feed(&mut scan, since - SKEW_MS - 1, 3, p(8, 0));
         feed(&mut scan, since, 4, p(8, 1));
         assert!(!scan.go_back(false), "a chunk reaching back past the skew ends it");
+        // Positions: a chunk whose positioned records are all below the first event ends it;
+        // one record at or above it, or none with a position, goes on.
+        let mut scan = Scan::new(p(100, 0), since);
+        feed(&mut scan, since, 1, p(99, 5));
+        scan.record(since, None, None, None);
+        feed(&mut scan, since, 2, p(100, 0));
+        assert!(scan.go_back(false));
+        scan.record(since, None, None, None);
+        assert!(scan.go_back(false));
+        feed(&mut scan, since, 3, p(99, 0));
+        scan.record(since, None, Some(b"98"), Some(b"0")); // another relay's, without our id
+        assert!(!scan.go_back(false), "everything below the first event: gone past it");
         let mut big = Scan::new(p(0, 0), since);
         for _ in 0..MAX_RECORDS {
             big.record(since, None, None, None);

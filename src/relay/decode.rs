@@ -5,7 +5,7 @@
 
 use super::produce::{Failure, KafkaProducer, QueueFull, Report};
 use super::signals;
-use super::tail::{ReadError, Tails};
+use super::tail::{Tails, Unavailable};
 use crate::ffi::{DecodeSink, TxnInfo};
 use outbox_core::auth::RecordKey;
 use outbox_core::dead_letter::{self as dl, DeadLetter, OnPermanentError, Record, Refusal};
@@ -436,7 +436,7 @@ impl EventRouter {
                     return;
                 }
                 Ok(placed) => partition = placed.partition,
-                Err(ReadError::Unavailable(why) | ReadError::NotAuthorized(why)) => {
+                Err(Unavailable(why)) => {
                     self.tracker.delivered(seq, false);
                     self.fail(Failure::passing(why, &topic));
                     return;

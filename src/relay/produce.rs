@@ -35,7 +35,7 @@ impl RelayContext {
     }
 }
 
-fn redact(text: &str, secrets: &[String]) -> String {
+pub(super) fn redact(text: &str, secrets: &[String]) -> String {
     let mut out = text.to_string();
     for s in secrets {
         if !s.is_empty() {
@@ -47,7 +47,7 @@ fn redact(text: &str, secrets: &[String]) -> String {
 
 /// Property names whose values must never appear in a message: every SASL and TLS setting,
 /// and anything that looks like a credential.
-fn is_secret_key(key: &str) -> bool {
+pub(super) fn is_secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     k.starts_with("sasl.")
         || k.starts_with("ssl.")

@@ -3,11 +3,12 @@
 //!
 //! With `outbox.exactly_once` on, the relay picks each record's partition itself (Kafka's
 //! murmur2 partitioner, under the partition count it read once per topic for this producer),
-//! and before it produces to a partition for the first time it reads that partition backwards
-//! from its end with a consumer of its own. Events found there are acknowledged without being
-//! produced again. The read runs on the worker's main thread, at most [`READ_DEADLINE`] per
-//! partition; in steady state nothing is read.
+//! and before it produces to a topic for the first time it reads the topic's partitions
+//! backwards from their ends, together, with a consumer of its own. Events found there are
+//! acknowledged without being produced again. The read runs on the worker's main thread, at
+//! most [`READ_DEADLINE`] per topic; in steady state nothing is read and no consumer is open.
 
+use super::produce::{is_secret_key, redact};
 use super::signals;
 use outbox_core::partition;
 use outbox_core::routing::Position;
@@ -16,17 +17,23 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers;
+use rdkafka::metadata::MetadataTopic;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// The longest one partition's read may take; what was read by then is used (a shorter read
-/// costs duplicates, never a loss).
+/// The longest one topic's read may take; what was read by then is used (a shorter read costs
+/// duplicates, never a loss).
 const READ_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a metadata or watermark request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Offsets read per step back.
-const CHUNK: i64 = 20_000;
+/// Offsets read in the first step back; each further step reads four times as many, up to
+/// [`MAX_CHUNK`]. Most reads after a crash need only the last few hundred records.
+const FIRST_CHUNK: i64 = 1_000;
+const MAX_CHUNK: i64 = 64_000;
+/// A reader that has not read for this long lets its consumer go (its connections and
+/// threads); the next read makes a new one.
+const IDLE_DROP: Duration = Duration::from_secs(30);
 
 /// Consumer properties that differ from the producer's: the relay only assigns partitions and
 /// reads them, never joins a group or commits, and keeps its prefetch small.
@@ -70,11 +77,14 @@ pub struct Placement {
     pub held: bool,
 }
 
-/// Why a read could not be made; the relay rewinds on a passing error and produces the
-/// partition's events anyway (at least once) when it may not read.
-pub enum ReadError {
-    /// The relay may not read (or describe) the topic.
-    NotAuthorized(String),
+/// Kafka did not answer a read (brokers down): the relay rewinds and tries again.
+pub struct Unavailable(pub String);
+
+/// Why a read could not be made: the relay rewinds on a passing error, and produces the
+/// topic's events anyway (at least once) when it cannot read.
+enum ReadError {
+    /// The relay may not read the topic (or cannot make its consumer): at least once.
+    CannotRead(String),
     /// Kafka did not answer (brokers down): the relay rewinds and tries again.
     Unavailable(String),
 }
@@ -88,16 +98,23 @@ struct Topic {
 
 /// The tails of every partition this producer session wrote to.
 pub struct Tails {
-    consumer: BaseConsumer,
+    config: ClientConfig,
+    /// Made for the reads after a start or a rewind, dropped when idle.
+    consumer: Option<BaseConsumer>,
+    last_read: Instant,
+    /// Values of secret-looking properties, cut out of every error.
+    secrets: Vec<String>,
     topics: HashMap<String, Topic>,
-    /// Partitions that could not be read, with why (the newest).
+    /// Every topic's partition count, as the session's first metadata request gave it.
+    known_counts: Option<HashMap<String, u32>>,
+    /// Why a topic could not be read (the newest), for `last_error`.
     pub unreadable: Option<String>,
 }
 
 impl Tails {
     /// A reader with the producer's connection settings (`producer_config`, which may hold
-    /// secrets: the error never shows a value).
-    pub fn new(producer_config: &[(String, String)]) -> Result<Tails, String> {
+    /// secrets). Its consumer is made at the first read.
+    pub fn new(producer_config: &[(String, String)]) -> Tails {
         let mut cc = ClientConfig::new();
         for (k, v) in producer_config {
             if !PRODUCER_ONLY.contains(&k.as_str()) {
@@ -112,18 +129,47 @@ impl Tails {
             // producer default), a consumer's may not.
             cc.set("allow.auto.create.topics", "true");
         }
-        let consumer: BaseConsumer = cc.create().map_err(|e| match e {
-            KafkaError::ClientConfig(_, _, key, _) => format!("could not make the consumer that reads partition tails: property \"{key}\""),
-            _ => "could not make the consumer that reads partition tails".to_string(),
-        })?;
-        Ok(Tails { consumer, topics: HashMap::new(), unreadable: None })
+        let secrets = producer_config.iter().filter(|(k, _)| is_secret_key(k)).map(|(_, v)| v.clone()).collect();
+        Tails {
+            config: cc,
+            consumer: None,
+            last_read: Instant::now(),
+            secrets,
+            topics: HashMap::new(),
+            known_counts: None,
+            unreadable: None,
+        }
+    }
+
+    /// Lets the consumer go after [`IDLE_DROP`] without a read, so that a streaming relay holds
+    /// no connections but its producer's.
+    pub fn idle(&mut self) {
+        if self.consumer.is_some() && self.last_read.elapsed() > IDLE_DROP {
+            self.consumer = None;
+        }
+    }
+
+    fn consumer(&mut self) -> Result<&BaseConsumer, ReadError> {
+        self.last_read = Instant::now();
+        if self.consumer.is_none() {
+            self.consumer = Some(make_consumer(&self.config).map_err(ReadError::CannotRead)?);
+        }
+        Ok(self.consumer.as_ref().expect("made above"))
     }
 
     /// Where the event with `key`, `id` and `position`, committed at `commit_ms`, goes in
-    /// `topic`, and whether that partition already holds it (read first if not yet).
-    pub fn place(&mut self, topic: &str, key: &str, position: Position, id: &[u8; 16], commit_ms: i64) -> Result<Placement, ReadError> {
+    /// `topic`, and whether that partition already holds it (read first if not yet). A topic
+    /// that cannot be read is produced to as if nothing were there (`unreadable` says why).
+    pub fn place(&mut self, topic: &str, key: &str, position: Position, id: &[u8; 16], commit_ms: i64) -> Result<Placement, Unavailable> {
         if !self.topics.contains_key(topic) {
-            let partitions = self.partition_count(topic)?;
+            let partitions = match self.partition_count(topic).map_err(|e| self.redacted(e)) {
+                Ok(partitions) => partitions,
+                Err(ReadError::CannotRead(why)) => {
+                    self.unreadable = Some(why);
+                    None
+                }
+                Err(ReadError::Unavailable(why)) => return Err(Unavailable(why)),
+            };
             let tails = vec![Tail::Unknown; partitions.unwrap_or(0) as usize];
             self.topics.insert(topic.to_string(), Topic { partitions, tails });
         }
@@ -133,15 +179,18 @@ impl Tails {
         };
         let p = partition::for_key(key.as_bytes(), count) as usize;
         if matches!(t.tails[p], Tail::Unknown) {
-            let tail = match read(&self.consumer, topic, p as i32, position, commit_ms) {
-                Ok(delivered) => Tail::Read(delivered),
-                Err(ReadError::NotAuthorized(why)) => {
+            // The topic's first event in this session: every partition's tail is read now,
+            // together (this event's position and time bound what any of them needs).
+            let read = self.consumer().and_then(|c| read_topic(c, topic, count, position, commit_ms));
+            let tails = match read.map_err(|e| self.redacted(e)) {
+                Ok(delivered) => delivered.into_iter().map(Tail::Read).collect(),
+                Err(ReadError::CannotRead(why)) => {
                     self.unreadable = Some(why);
-                    Tail::Unreadable
+                    vec![Tail::Unreadable; count as usize]
                 }
-                Err(e) => return Err(e),
+                Err(ReadError::Unavailable(why)) => return Err(Unavailable(why)),
             };
-            self.topics.get_mut(topic).expect("inserted above").tails[p] = tail;
+            self.topics.get_mut(topic).expect("inserted above").tails = tails;
         }
         let tail = &mut self.topics.get_mut(topic).expect("inserted above").tails[p];
         let held = tail.holds(position, id);
@@ -155,21 +204,48 @@ impl Tails {
     }
 
     /// The topic's partition count; None if Kafka says it does not exist (producing to it then
-    /// fails as it always did).
-    fn partition_count(&self, topic: &str) -> Result<Option<u32>, ReadError> {
+    /// fails as it always did). The first call of a session asks for every topic's at once, so
+    /// that a restart with many topics costs one metadata request, not one per topic.
+    fn partition_count(&mut self, topic: &str) -> Result<Option<u32>, ReadError> {
+        if self.known_counts.is_none() {
+            let all = self.consumer()?.fetch_metadata(None, REQUEST_TIMEOUT).map_err(|e| classify(topic, "read the metadata of", &e))?;
+            self.known_counts = Some(all.topics().iter().filter_map(|t| Some((t.name().to_string(), count_of(t)?))).collect());
+        }
+        if let Some(&count) = self.known_counts.as_ref().and_then(|known| known.get(topic)) {
+            return Ok(Some(count));
+        }
         let metadata = self
-            .consumer
+            .consumer()?
             .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
             .map_err(|e| classify(topic, "read the metadata of", &e))?;
-        let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else { return Ok(None) };
-        // An error (the topic does not exist, or may not be described, which a producer that
-        // may write it can): librdkafka's partitioner picks, and its delivery report says why
-        // the topic cannot take the record.
-        match t.error() {
-            None if !t.partitions().is_empty() => Ok(Some(t.partitions().len() as u32)),
-            _ => Ok(None),
+        Ok(metadata.topics().iter().find(|t| t.name() == topic).and_then(count_of))
+    }
+}
+
+impl Tails {
+    fn redacted(&self, e: ReadError) -> ReadError {
+        match e {
+            ReadError::CannotRead(m) => ReadError::CannotRead(redact(&m, &self.secrets)),
+            ReadError::Unavailable(m) => ReadError::Unavailable(redact(&m, &self.secrets)),
         }
     }
+}
+
+/// A topic's partition count. None on an error (the topic does not exist, or may not be
+/// described, which a producer that may write it can): librdkafka's partitioner picks, and its
+/// delivery report says why the topic cannot take the record.
+fn count_of(t: &MetadataTopic) -> Option<u32> {
+    (t.error().is_none() && !t.partitions().is_empty()).then(|| t.partitions().len() as u32)
+}
+
+/// The consumer that reads tails. The error never shows a property's value.
+fn make_consumer(config: &ClientConfig) -> Result<BaseConsumer, String> {
+    config.create().map_err(|e| match e {
+        KafkaError::ClientConfig(_, _, key, _) => {
+            format!("could not make the consumer that reads partition tails: property \"{key}\"")
+        }
+        _ => "could not make the consumer that reads partition tails".to_string(),
+    })
 }
 
 /// Words a consumer error: authorization errors make the partition at-least-once, others
@@ -178,7 +254,7 @@ fn classify(topic: &str, what: &str, e: &KafkaError) -> ReadError {
     let message = format!("could not {what} topic {topic}: {e}");
     match e.rdkafka_error_code() {
         Some(RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed) => {
-            ReadError::NotAuthorized(message)
+            ReadError::CannotRead(message)
         }
         _ => ReadError::Unavailable(message),
     }
@@ -196,87 +272,114 @@ fn is_about_the_group(e: &KafkaError) -> bool {
     )
 }
 
-/// Reads partition `p` of `topic` backwards from its end (see `outbox_core::tail::Scan`) for
-/// the records of events from `first` on, the first committed at `since_ms`.
-fn read(consumer: &BaseConsumer, topic: &str, p: i32, first: Position, since_ms: i64) -> Result<Delivered, ReadError> {
-    let started = Instant::now();
-    let deadline = started + READ_DEADLINE;
-    let (low, high) =
-        consumer.fetch_watermarks(topic, p, REQUEST_TIMEOUT).map_err(|e| classify(topic, "read the offsets of", &e))?;
-    let mut scan = Scan::new(first, since_ms);
-    let mut end = high;
-    let mut complete = true;
-    while end > low {
-        let begin = (end - CHUNK).max(low);
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, p, Offset::Offset(begin))
-            .and_then(|()| consumer.assign(&tpl))
-            .map_err(|e| classify(topic, "read", &e))?;
-        let chunk = read_chunk(consumer, topic, &mut scan, end, deadline);
-        let _ = consumer.unassign();
-        match chunk {
-            Ok(true) => {}
-            Ok(false) => {
-                complete = false;
-                break;
-            }
-            Err(e) => return Err(e),
-        }
-        if !scan.go_back(begin == low) {
-            break;
-        }
-        end = begin;
-    }
-    let read = scan.records_read();
-    let delivered = scan.finish();
-    let message = format!(
-        "outbox_ext relay: read {read} records of {topic} [{p}] in {} ms{}: {} of them are events this relay may decode again, which it will not produce twice",
-        started.elapsed().as_millis(),
-        if complete { "" } else { " (stopped at its deadline)" },
-        delivered.len()
-    );
-    if !delivered.is_empty() || !complete {
-        pgrx::log!("{message}");
-    } else {
-        pgrx::debug1!("{message}");
-    }
-    Ok(delivered)
+/// One partition's backward scan (see `outbox_core::tail::Scan`).
+struct PartitionScan {
+    p: i32,
+    low: i64,
+    /// The offset the next chunk ends before.
+    end: i64,
+    chunk: i64,
+    scan: Scan,
+    /// Still going back.
+    active: bool,
+    /// Stopped by the deadline (or a stop) rather than by the scan.
+    cut_short: bool,
 }
 
-/// Feeds `scan` the records before offset `end` from where the consumer is assigned. False if
-/// the deadline (or a stop) came first.
-fn read_chunk(consumer: &BaseConsumer, topic: &str, scan: &mut Scan, end: i64, deadline: Instant) -> Result<bool, ReadError> {
-    loop {
-        if Instant::now() >= deadline || signals::shutdown_requested() {
-            return Ok(false);
+/// Reads every partition of `topic` (`partitions`) backwards from its end, all at once, for
+/// the records of events from `first` on, the first committed at `since_ms`.
+fn read_topic(consumer: &BaseConsumer, topic: &str, partitions: u32, first: Position, since_ms: i64) -> Result<Vec<Delivered>, ReadError> {
+    let started = Instant::now();
+    let deadline = started + READ_DEADLINE;
+    let mut scans = Vec::with_capacity(partitions as usize);
+    for p in 0..partitions as i32 {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, REQUEST_TIMEOUT)
+            .map_err(|e| classify(topic, "read the offsets of", &e))?;
+        let scan = Scan::new(first, since_ms);
+        scans.push(PartitionScan { p, low, end: high, chunk: FIRST_CHUNK, scan, active: high > low, cut_short: false });
+    }
+    while scans.iter().any(|s| s.active) {
+        let mut tpl = TopicPartitionList::new();
+        let mut begins = HashMap::new();
+        for s in scans.iter_mut().filter(|s| s.active) {
+            let begin = (s.end - s.chunk).max(s.low);
+            s.chunk = (s.chunk * 4).min(MAX_CHUNK);
+            tpl.add_partition_offset(topic, s.p, Offset::Offset(begin)).map_err(|e| classify(topic, "read", &e))?;
+            begins.insert(s.p, begin);
         }
-        match consumer.poll(Duration::from_millis(100)) {
+        consumer.assign(&tpl).map_err(|e| classify(topic, "read", &e))?;
+        let chunk = read_chunks(consumer, topic, &mut scans, deadline);
+        let _ = consumer.unassign();
+        chunk?;
+        for s in scans.iter_mut().filter(|s| s.active) {
+            let begin = begins[&s.p];
+            s.active = !s.cut_short && s.scan.go_back(begin == s.low);
+            s.end = begin;
+        }
+    }
+    let elapsed = started.elapsed().as_millis();
+    Ok(scans
+        .into_iter()
+        .map(|s| {
+            let read = s.scan.records_read();
+            let delivered = s.scan.finish();
+            let message = format!(
+                "outbox_ext relay: read {read} records of {topic} [{}] in {elapsed} ms{}: {} of them are events this relay may decode again, which it will not produce twice",
+                s.p,
+                if s.cut_short { " (stopped at its deadline)" } else { "" },
+                delivered.len()
+            );
+            if !delivered.is_empty() || s.cut_short {
+                pgrx::log!("{message}");
+            } else {
+                pgrx::debug1!("{message}");
+            }
+            delivered
+        })
+        .collect())
+}
+
+/// Feeds each active scan the records of its chunk (from where the consumer is assigned up to
+/// its `end`). A scan the deadline (or a stop) cuts short is marked so.
+fn read_chunks(consumer: &BaseConsumer, topic: &str, scans: &mut [PartitionScan], deadline: Instant) -> Result<(), ReadError> {
+    let mut pending: Vec<i32> = scans.iter().filter(|s| s.active).map(|s| s.p).collect();
+    while !pending.is_empty() {
+        if Instant::now() >= deadline || signals::shutdown_requested() {
+            for s in scans.iter_mut().filter(|s| pending.contains(&s.p)) {
+                s.cut_short = true;
+            }
+            return Ok(());
+        }
+        let done = match consumer.poll(Duration::from_millis(100)) {
             None => continue,
             Some(Ok(m)) => {
-                if m.offset() >= end {
-                    return Ok(true);
-                }
-                let (mut id, mut lsn, mut index) = (None, None, None);
-                if let Some(headers) = m.headers() {
-                    for h in headers.iter() {
-                        match h.key {
-                            "id" => id = h.value,
-                            outbox_core::routing::COMMIT_LSN_HEADER => lsn = h.value,
-                            outbox_core::routing::COMMIT_INDEX_HEADER => index = h.value,
-                            _ => {}
+                let Some(s) = scans.iter_mut().find(|s| s.p == m.partition() && pending.contains(&s.p)) else { continue };
+                if m.offset() < s.end {
+                    let (mut id, mut lsn, mut index) = (None, None, None);
+                    if let Some(headers) = m.headers() {
+                        for h in headers.iter() {
+                            match h.key {
+                                "id" => id = h.value,
+                                outbox_core::routing::COMMIT_LSN_HEADER => lsn = h.value,
+                                outbox_core::routing::COMMIT_INDEX_HEADER => index = h.value,
+                                _ => {}
+                            }
                         }
                     }
+                    s.scan.record(m.timestamp().to_millis().unwrap_or(0), id, lsn, index);
                 }
-                scan.record(m.timestamp().to_millis().unwrap_or(0), id, lsn, index);
-                if m.offset() >= end - 1 {
-                    return Ok(true);
-                }
+                (m.offset() >= s.end - 1).then_some(s.p)
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(true),
+            Some(Err(KafkaError::PartitionEOF(p))) => Some(p),
             // The group's coordinator, which librdkafka looks up for any consumer with a
             // group.id: the reader never joins or commits, so it needs no rights on the group.
             Some(Err(e)) if is_about_the_group(&e) => continue,
             Some(Err(e)) => return Err(classify(topic, "read", &e)),
+        };
+        if let Some(p) = done {
+            pending.retain(|q| *q != p);
         }
     }
+    Ok(())
 }

@@ -452,20 +452,10 @@ impl Relay {
             Ok(p) => {
                 let mut router = EventRouter::new(p, self.settings.topic_template.clone(), self.settings.dead_letters.clone());
                 router.refused = std::mem::take(&mut self.refused);
-                let guarantee = match guarantee_of(&self.settings, &config) {
-                    Guarantee::ExactlyOnce => match Tails::new(&config) {
-                        Ok(tails) => {
-                            router.tails = Some(tails);
-                            Guarantee::ExactlyOnce
-                        }
-                        Err(e) => {
-                            warning!("outbox_ext relay: {e}; delivering at least once");
-                            self.status.set_error(&e);
-                            Guarantee::Unreadable
-                        }
-                    },
-                    other => other,
-                };
+                let guarantee = guarantee_of(&self.settings, &config);
+                if guarantee == Guarantee::ExactlyOnce {
+                    router.tails = Some(Tails::new(&config));
+                }
                 self.status.set_guarantee(guarantee);
                 self.router = Some(router);
                 self.status.set_state(RelayState::Streaming);
@@ -482,6 +472,9 @@ impl Relay {
     fn publish_progress(&mut self) {
         self.status.add_rejected(self.opener.take_rejected());
         let Some(router) = self.router.as_mut() else { return };
+        if let Some(tails) = router.tails.as_mut() {
+            tails.idle();
+        }
         if let Some(why) = router.tails.as_mut().and_then(|t| t.unreadable.take()) {
             let message = format!("{why}; events to that topic are delivered at least once");
             warning!("outbox_ext relay: {message}");

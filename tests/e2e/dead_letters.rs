@@ -188,7 +188,8 @@ fn permanent_errors_are_set_aside_under_load_and_the_relay_carries_on() {
     let (dead, delivered): (Vec<Record>, Vec<Record>) = c.records.iter().cloned().partition(|r| r.topic == DEAD_LETTER_TOPIC);
     let mut dead_ids = table_ids(&pg);
     dead_ids.extend(dead.iter().filter_map(|r| r.header("id").map(String::from)));
-    assert_all_accounted("dead letters: all permanent errors", &emitted, &delivered, &dead_ids, emitted.committed.len());
+    // Exactly once for what was delivered; the dead-letter topic may hold an event twice.
+    assert_all_accounted("dead letters: all permanent errors", &emitted, &delivered, &dead_ids, 0);
 
     let counted: usize = pg.status("dead_lettered").parse().unwrap();
     assert!(counted >= 4, "outbox.status() counts the dead letters: {counted}");

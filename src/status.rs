@@ -177,11 +177,12 @@ impl StatusWriter {
         }
     }
 
-    /// The slot this relay serves, for `outbox.status()` and `outbox.relays()`.
+    /// The delivery guarantee of the relay's current producer, for `outbox.status()`.
     pub fn set_guarantee(&mut self, guarantee: Guarantee) {
         self.with(|e| e.guarantee = guarantee as u8);
     }
 
+    /// The slot this relay serves, for `outbox.status()` and `outbox.relays()`.
     pub fn set_slot(&mut self, slot: &str) {
         self.with(|e| e.slot_name = ShortName::new(slot));
     }

@@ -28,9 +28,10 @@ use std::collections::HashSet;
 /// * every record in it that carries a position is below the first event to produce. The
 ///   relays of one cluster share its WAL, so their positions order their commits; a lagging
 ///   relay of another database, or another cluster's records, can only make it stop early;
-/// * or every record in it is older (by timestamp) than the first event's commit time minus
-///   this. Generous: a commit timestamp is taken shortly before the commit record is inserted,
-///   and clocks step.
+/// * or it reaches back (by timestamp) past the first event's commit time minus this.
+///   Generous: a commit timestamp is taken shortly before the commit record is inserted, and
+///   clocks step;
+/// * or it holds as many possible matches as the scan keeps.
 ///
 /// Stopping early costs duplicates, never a loss.
 pub const SKEW_MS: i64 = 60_000;
@@ -78,6 +79,10 @@ pub struct Scan {
     since_ms: i64,
     /// That event's position: records below it are of events the relay will not decode again.
     first: Position,
+    /// The end of the WAL this server has written: records above it are not its own.
+    upper: u64,
+    /// The most records of possible matches kept; the scan stops once it has them.
+    max_marks: usize,
     read: usize,
     oldest_in_chunk: Option<i64>,
     /// The chunk had records with a position, and some at or above `first`.
@@ -87,11 +92,14 @@ pub struct Scan {
 }
 
 impl Scan {
-    /// A scan for the events from `first` on, the first of them committed at `since_ms`.
-    pub fn new(first: Position, since_ms: i64) -> Scan {
+    /// A scan for the events from `first` on, the first of them committed at `since_ms`, by a
+    /// server whose WAL ends at `upper`, keeping at most `max_marks` records.
+    pub fn new(first: Position, since_ms: i64, upper: u64, max_marks: usize) -> Scan {
         Scan {
             since_ms,
             first,
+            upper,
+            max_marks,
             read: 0,
             oldest_in_chunk: None,
             chunk_positioned: false,
@@ -111,8 +119,9 @@ impl Scan {
         self.chunk_positioned = true;
         self.chunk_reaches_first |= position >= self.first;
         let Some(id) = id.and_then(parse_uuid) else { return };
-        if position < self.first {
-            // Kept out of memory: no event the relay will decode can match it.
+        if position < self.first || lsn > self.upper || self.found.marks.len() >= self.max_marks {
+            // Kept out of memory: no event the relay will decode can match it (or the scan is
+            // full, and stops at the end of this chunk).
             return;
         }
         self.found.marks.insert((position, id));
@@ -126,7 +135,8 @@ impl Scan {
         let recent = oldest.is_none_or(|t| t >= self.since_ms.saturating_sub(SKEW_MS));
         let below_first = std::mem::take(&mut self.chunk_positioned) && !std::mem::take(&mut self.chunk_reaches_first);
         self.chunk_reaches_first = false;
-        !reached_low && self.read < MAX_RECORDS && recent && !below_first
+        let full = self.found.marks.len() >= self.max_marks;
+        !reached_low && self.read < MAX_RECORDS && recent && !below_first && !full
     }
 
     pub fn records_read(&self) -> usize {
@@ -228,10 +238,11 @@ mod tests {
 
     #[test]
     fn only_the_same_event_at_the_same_position_is_held() {
-        let mut scan = Scan::new(p(99, 0), 1_000_000);
+        let mut scan = Scan::new(p(99, 0), 1_000_000, 1_000, 100);
         feed(&mut scan, 1_000_000, 7, p(98, 3)); // below the first event to produce: not kept
         feed(&mut scan, 1_000_000, 1, p(100, 0));
         feed(&mut scan, 1_000_000, 2, p(100, 1));
+        feed(&mut scan, 1_000_000, 8, p(1_001, 0)); // above this server's WAL: another cluster's
         scan.record(1_000_000, None, Some(b"500"), Some(b"0")); // another producer's record
         scan.record(1_000_000, Some(b"not a uuid"), Some(b"500"), Some(b"0"));
         let delivered = scan.finish();
@@ -254,7 +265,7 @@ mod tests {
     #[test]
     fn the_scan_goes_back_until_old_records_the_low_watermark_or_its_bound() {
         let since = 10_000_000;
-        let mut scan = Scan::new(p(0, 0), since);
+        let mut scan = Scan::new(p(0, 0), since, u64::MAX, 100);
         feed(&mut scan, since + 5, 1, p(10, 0));
         assert!(scan.go_back(false));
         // An empty chunk (compacted away) tells nothing: go on.
@@ -267,7 +278,7 @@ mod tests {
         assert!(!scan.go_back(false), "a chunk reaching back past the skew ends it");
         // Positions: a chunk whose positioned records are all below the first event ends it;
         // one record at or above it, or none with a position, goes on.
-        let mut scan = Scan::new(p(100, 0), since);
+        let mut scan = Scan::new(p(100, 0), since, u64::MAX, 100);
         feed(&mut scan, since, 1, p(99, 5));
         scan.record(since, None, None, None);
         feed(&mut scan, since, 2, p(100, 0));
@@ -277,12 +288,19 @@ mod tests {
         feed(&mut scan, since, 3, p(99, 0));
         scan.record(since, None, Some(b"98"), Some(b"0")); // another relay's, without our id
         assert!(!scan.go_back(false), "everything below the first event: gone past it");
-        let mut big = Scan::new(p(0, 0), since);
+        let mut big = Scan::new(p(0, 0), since, u64::MAX, 100);
         for _ in 0..MAX_RECORDS {
             big.record(since, None, None, None);
         }
         assert!(!big.go_back(false));
         assert_eq!(big.records_read(), MAX_RECORDS);
         assert!(big.finish().is_empty());
+        // A full scan keeps what it has and goes no further back.
+        let mut full = Scan::new(p(0, 0), since, u64::MAX, 2);
+        for n in 0..5 {
+            feed(&mut full, since, n, p(10 + n as u64, 0));
+        }
+        assert!(!full.go_back(false));
+        assert_eq!(full.finish().len(), 2);
     }
 }

@@ -26,7 +26,10 @@ use std::time::{Duration, Instant};
 /// duplicates, never a loss).
 const READ_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a metadata or watermark request may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most records of possible matches a topic's read keeps in memory (about 20 MB); a read
+/// that finds more stops there (duplicates, never a loss).
+const MAX_TOPIC_MARKS: usize = 400_000;
 /// Offsets read in the first step back; each further step reads four times as many, up to
 /// [`MAX_CHUNK`]. Most reads after a crash need only the last few hundred records.
 const FIRST_CHUNK: i64 = 1_000;
@@ -44,6 +47,9 @@ const CONSUMER: &[(&str, &str)] = &[
     ("enable.partition.eof", "true"),
     ("auto.offset.reset", "earliest"),
     ("fetch.wait.max.ms", "20"),
+    // Every record up to the high watermark: the relay's own are not transactional, and an
+    // open transaction of another producer must not hide them.
+    ("isolation.level", "read_uncommitted"),
     ("queued.max.messages.kbytes", "8192"),
 ];
 
@@ -218,7 +224,18 @@ impl Tails {
             .consumer()?
             .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
             .map_err(|e| classify(topic, "read the metadata of", &e))?;
-        Ok(metadata.topics().iter().find(|t| t.name() == topic).and_then(count_of))
+        let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else { return Ok(None) };
+        match (count_of(t), t.error().map(RDKafkaErrorCode::from)) {
+            (Some(count), _) => Ok(Some(count)),
+            // It does not exist (and may not be made), or may not be described: the producer
+            // says what becomes of its records.
+            (None, Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::TopicAuthorizationFailed)) => Ok(None),
+            // Passing (a leader being elected, a topic being made): rewind and look again.
+            (None, error) => Err(ReadError::Unavailable(format!(
+                "topic {topic} has no partitions to read yet{}",
+                error.map(|e| format!(" ({e})")).unwrap_or_default()
+            ))),
+        }
     }
 }
 
@@ -248,27 +265,21 @@ fn make_consumer(config: &ClientConfig) -> Result<BaseConsumer, String> {
     })
 }
 
-/// Words a consumer error: authorization errors make the partition at-least-once, others
-/// make the relay rewind.
+/// Words a consumer error: authorization errors make the topic at-least-once, others make
+/// the relay rewind.
 fn classify(topic: &str, what: &str, e: &KafkaError) -> ReadError {
     let message = format!("could not {what} topic {topic}: {e}");
-    match e.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed) => {
-            ReadError::CannotRead(message)
-        }
-        _ => ReadError::Unavailable(message),
+    if is_forbidden(e) {
+        ReadError::CannotRead(message)
+    } else {
+        ReadError::Unavailable(message)
     }
 }
 
-fn is_about_the_group(e: &KafkaError) -> bool {
+fn is_forbidden(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::GroupAuthorizationFailed
-                | RDKafkaErrorCode::CoordinatorNotAvailable
-                | RDKafkaErrorCode::NotCoordinator
-                | RDKafkaErrorCode::CoordinatorLoadInProgress
-        )
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed)
     )
 }
 
@@ -291,13 +302,22 @@ struct PartitionScan {
 fn read_topic(consumer: &BaseConsumer, topic: &str, partitions: u32, first: Position, since_ms: i64) -> Result<Vec<Delivered>, ReadError> {
     let started = Instant::now();
     let deadline = started + READ_DEADLINE;
+    // Our records' positions are in WAL this server has written: anything above is another
+    // cluster's (or another branch's) and need not be kept.
+    let upper = crate::ffi::flush_lsn();
+    let max_marks = (MAX_TOPIC_MARKS / partitions.max(1) as usize).max(10_000);
     let mut scans = Vec::with_capacity(partitions as usize);
     for p in 0..partitions as i32 {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, REQUEST_TIMEOUT)
-            .map_err(|e| classify(topic, "read the offsets of", &e))?;
-        let scan = Scan::new(first, since_ms);
-        scans.push(PartitionScan { p, low, end: high, chunk: FIRST_CHUNK, scan, active: high > low, cut_short: false });
+        let scan = Scan::new(first, since_ms, upper, max_marks);
+        match consumer.fetch_watermarks(topic, p, REQUEST_TIMEOUT) {
+            Ok((low, high)) => {
+                scans.push(PartitionScan { p, low, end: high, chunk: FIRST_CHUNK, scan, active: high > low, cut_short: false })
+            }
+            Err(e) if is_forbidden(&e) => return Err(classify(topic, "read the offsets of", &e)),
+            // This partition (its leader away): produced to without a read, at least once;
+            // the others go on.
+            Err(_) => scans.push(PartitionScan { p, low: 0, end: 0, chunk: 0, scan, active: false, cut_short: true }),
+        }
     }
     while scans.iter().any(|s| s.active) {
         let mut tpl = TopicPartitionList::new();
@@ -327,7 +347,7 @@ fn read_topic(consumer: &BaseConsumer, topic: &str, partitions: u32, first: Posi
             let message = format!(
                 "outbox_ext relay: read {read} records of {topic} [{}] in {elapsed} ms{}: {} of them are events this relay may decode again, which it will not produce twice",
                 s.p,
-                if s.cut_short { " (stopped at its deadline)" } else { "" },
+                if s.cut_short { " (cut short: its deadline came, or its offsets could not be read)" } else { "" },
                 delivered.len()
             );
             if !delivered.is_empty() || s.cut_short {
@@ -345,7 +365,11 @@ fn read_topic(consumer: &BaseConsumer, topic: &str, partitions: u32, first: Posi
 fn read_chunks(consumer: &BaseConsumer, topic: &str, scans: &mut [PartitionScan], deadline: Instant) -> Result<(), ReadError> {
     let mut pending: Vec<i32> = scans.iter().filter(|s| s.active).map(|s| s.p).collect();
     while !pending.is_empty() {
-        if Instant::now() >= deadline || signals::shutdown_requested() {
+        if signals::shutdown_requested() {
+            // Nothing more is produced: the worker stops.
+            return Err(ReadError::Unavailable("the relay is stopping".into()));
+        }
+        if Instant::now() >= deadline {
             for s in scans.iter_mut().filter(|s| pending.contains(&s.p)) {
                 s.cut_short = true;
             }
@@ -372,10 +396,11 @@ fn read_chunks(consumer: &BaseConsumer, topic: &str, scans: &mut [PartitionScan]
                 (m.offset() >= s.end - 1).then_some(s.p)
             }
             Some(Err(KafkaError::PartitionEOF(p))) => Some(p),
-            // The group's coordinator, which librdkafka looks up for any consumer with a
-            // group.id: the reader never joins or commits, so it needs no rights on the group.
-            Some(Err(e)) if is_about_the_group(&e) => continue,
-            Some(Err(e)) => return Err(classify(topic, "read", &e)),
+            Some(Err(e)) if is_forbidden(&e) => return Err(classify(topic, "read", &e)),
+            // Anything else comes through the consumer's queue too: a broker of the bootstrap
+            // list that is down, the group coordinator (the reader never joins or commits, so
+            // it needs no rights on the group). The deadline bounds the wait.
+            Some(Err(_)) => continue,
         };
         if let Some(p) = done {
             pending.retain(|q| *q != p);

@@ -6,7 +6,8 @@
 //! relay starts. Here each broker advertises a proxy's port instead of its own. `hold()` makes
 //! the connections open at that moment keep what their clients send from then on; `release()`
 //! forwards it, although the client may be long gone, exactly as a broker would read a
-//! request still in its socket buffer. Connections opened after `hold()` pass through.
+//! request still in its socket buffer. `hold()` holds every connection, old and new, until
+//! `hold_no_new()`; the connections opened by then stay held until `release()`.
 
 use rdkafka::bindings as rdsys;
 use rdkafka::config::ClientConfig;
@@ -22,23 +23,37 @@ use std::thread;
 #[derive(Default)]
 struct Holding {
     next_connection: AtomicU64,
-    /// Connections numbered below this hold (0: none), until released.
-    below: Mutex<(u64, bool)>,
+    state: Mutex<HoldState>,
     changed: Condvar,
     /// Bytes held so far.
     held: AtomicU64,
+    /// Produce requests (Kafka API key 0) held so far.
+    produce_requests: AtomicU64,
+}
+
+#[derive(Default, Clone, Copy)]
+struct HoldState {
+    /// Every connection holds, new ones too.
+    all: bool,
+    /// Connections numbered below this hold.
+    below: u64,
+}
+
+impl HoldState {
+    fn holds(&self, connection: u64) -> bool {
+        self.all || connection < self.below
+    }
 }
 
 impl Holding {
     fn holds(&self, connection: u64) -> bool {
-        let (below, released) = *self.below.lock().unwrap();
-        connection < below && !released
+        self.state.lock().unwrap().holds(connection)
     }
 
     /// Waits until `connection` no longer holds.
     fn wait_for_release(&self, connection: u64) {
-        let mut state = self.below.lock().unwrap();
-        while connection < state.0 && !state.1 {
+        let mut state = self.state.lock().unwrap();
+        while state.holds(connection) {
             state = self.changed.wait(state).unwrap();
         }
     }
@@ -84,10 +99,15 @@ impl ProxiedKafka {
         assert_eq!(err, rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR, "topic {topic} created");
     }
 
-    /// From now on, the connections open now keep what their clients send.
+    /// From now on, every connection keeps what its client sends.
     pub fn hold(&self) {
+        *self.holding.state.lock().unwrap() = HoldState { all: true, below: 0 };
+    }
+
+    /// Connections opened from now on pass; those open now keep holding.
+    pub fn hold_no_new(&self) {
         let next = self.holding.next_connection.load(Ordering::SeqCst);
-        *self.holding.below.lock().unwrap() = (next, false);
+        *self.holding.state.lock().unwrap() = HoldState { all: false, below: next };
     }
 
     /// Bytes held back so far.
@@ -95,9 +115,14 @@ impl ProxiedKafka {
         self.holding.held.load(Ordering::SeqCst)
     }
 
+    /// Produce requests held back so far.
+    pub fn held_produce_requests(&self) -> u64 {
+        self.holding.produce_requests.load(Ordering::SeqCst)
+    }
+
     /// Forwards everything held, and lets it through from now on.
     pub fn release(&self) {
-        self.holding.below.lock().unwrap().1 = true;
+        *self.holding.state.lock().unwrap() = HoldState::default();
         self.holding.changed.notify_all();
     }
 }
@@ -127,6 +152,9 @@ fn proxy(upstream: String, holding: Arc<Holding>) -> u16 {
 /// Client → server, keeping what arrives while the connection holds.
 fn forward(mut client: TcpStream, mut server: TcpStream, connection: u64, holding: &Holding) {
     let mut held = Vec::new();
+    // Where the next request starts in `held`: each is a 4-byte big-endian size, then the API
+    // key (2 bytes) and the rest. Holding starts between requests (the client is idle then).
+    let mut next_request = 0;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = client.read(&mut buf).unwrap_or(0);
@@ -140,8 +168,19 @@ fn forward(mut client: TcpStream, mut server: TcpStream, connection: u64, holdin
         if holding.holds(connection) {
             holding.held.fetch_add(n as u64, Ordering::SeqCst);
             held.extend_from_slice(&buf[..n]);
+            while let Some(size) = held.get(next_request..next_request + 4) {
+                let end = next_request + 4 + u32::from_be_bytes(size.try_into().unwrap()) as usize;
+                if end > held.len() {
+                    break;
+                }
+                if held.get(next_request + 4..next_request + 6) == Some(&[0, 0][..]) {
+                    holding.produce_requests.fetch_add(1, Ordering::SeqCst);
+                }
+                next_request = end;
+            }
             continue;
         }
+        next_request = 0;
         if server.write_all(&std::mem::take(&mut held)).is_err() || server.write_all(&buf[..n]).is_err() {
             return;
         }

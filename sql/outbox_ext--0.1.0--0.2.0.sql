@@ -2,7 +2,7 @@
 -- objects those of a fresh 0.2.0 installation (tests/e2e/upgrade.rs compares them):
 --
 -- * records are authenticated: the installation's key (relay_key, made here) and _new_key();
--- * status() gains rejected_records and dead_lettered, from _relay_state(), which replaces
+-- * status() gains rejected_records, dead_lettered and delivery_guarantee, from _relay_state(), which replaces
 --   _relay_status(); relays() and _relays() list the relays of every database;
 -- * dead letters: the table dead_letter, redeliver(), redeliver_all() and _redeliver_event();
 -- * relay_slot gains timeline (NULL for the slot 0.1.0 recorded), and reset_slot() drops a slot

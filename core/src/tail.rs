@@ -20,6 +20,7 @@
 //! duplicate, never a loss.
 
 use crate::routing::Position;
+use crate::uuid7;
 use std::collections::HashSet;
 
 /// The scan goes back chunk by chunk, and stops after the first chunk that shows it has gone
@@ -118,7 +119,7 @@ impl Scan {
         let position = Position { commit_lsn: lsn, commit_index: index };
         self.chunk_positioned = true;
         self.chunk_reaches_first |= position >= self.first;
-        let Some(id) = id.and_then(parse_uuid) else { return };
+        let Some(id) = id.and_then(uuid7::parse_hyphenated) else { return };
         if position < self.first || lsn > self.upper || self.found.marks.len() >= self.max_marks {
             // Kept out of memory: no event the relay will decode can match it (or the scan is
             // full, and stops at the end of this chunk).
@@ -154,27 +155,6 @@ fn number(text: Option<&[u8]>) -> Option<u64> {
         return None;
     }
     text.parse().ok()
-}
-
-/// The 16 bytes of a hyphenated UUID (as `uuid7::to_hyphenated` writes it, either case).
-pub fn parse_uuid(text: &[u8]) -> Option<[u8; 16]> {
-    if text.len() != 36 {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    let mut nibbles = 0;
-    for (i, &c) in text.iter().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            if c != b'-' {
-                return None;
-            }
-            continue;
-        }
-        let v = (c as char).to_digit(16)? as u8;
-        out[nibbles / 2] |= if nibbles % 2 == 0 { v << 4 } else { v };
-        nibbles += 1;
-    }
-    Some(out)
 }
 
 /// What the relay knows of a partition before producing to it.
@@ -220,20 +200,6 @@ mod tests {
             Some(position.commit_lsn.to_string().as_bytes()),
             Some(position.commit_index.to_string().as_bytes()),
         );
-    }
-
-    #[test]
-    fn uuids_round_trip_and_nothing_else_parses() {
-        let mut g = uuid7::Uuid7Generator::new(7);
-        for _ in 0..100 {
-            let id = g.generate(1_700_000_000_000);
-            let text = uuid7::to_hyphenated(&id);
-            assert_eq!(parse_uuid(text.as_bytes()), Some(id));
-            assert_eq!(parse_uuid(text.to_uppercase().as_bytes()), Some(id));
-        }
-        for bad in ["", "0190b4d2-6a4f-7c1e-8f00-00000000000", "0190b4d2x6a4f-7c1e-8f00-000000000000", "0190b4d2-6a4f-7c1e-8f00-00000000000g"] {
-            assert_eq!(parse_uuid(bad.as_bytes()), None, "{bad:?}");
-        }
     }
 
     #[test]

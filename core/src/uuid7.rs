@@ -70,6 +70,27 @@ pub fn to_hyphenated(id: &[u8; 16]) -> String {
     s
 }
 
+/// The 16 bytes of a hyphenated UUID (as [`to_hyphenated`] writes it, either case).
+pub fn parse_hyphenated(text: &[u8]) -> Option<[u8; 16]> {
+    if text.len() != 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    let mut nibbles = 0;
+    for (i, &c) in text.iter().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if c != b'-' {
+                return None;
+            }
+            continue;
+        }
+        let v = (c as char).to_digit(16)? as u8;
+        out[nibbles / 2] |= if nibbles % 2 == 0 { v << 4 } else { v };
+        nibbles += 1;
+    }
+    Some(out)
+}
+
 /// The Unix milliseconds stored in a UUIDv7.
 pub fn unix_ms(id: &[u8; 16]) -> u64 {
     let mut b = [0u8; 8];
@@ -111,5 +132,19 @@ mod tests {
         let a = Uuid7Generator::new(1).generate(5);
         let b = Uuid7Generator::new(2).generate(5);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn uuids_round_trip_and_nothing_else_parses() {
+        let mut g = Uuid7Generator::new(7);
+        for _ in 0..100 {
+            let id = g.generate(1_700_000_000_000);
+            let text = to_hyphenated(&id);
+            assert_eq!(parse_hyphenated(text.as_bytes()), Some(id));
+            assert_eq!(parse_hyphenated(text.to_uppercase().as_bytes()), Some(id));
+        }
+        for bad in ["", "0190b4d2-6a4f-7c1e-8f00-00000000000", "0190b4d2x6a4f-7c1e-8f00-000000000000", "0190b4d2-6a4f-7c1e-8f00-00000000000g"] {
+            assert_eq!(parse_hyphenated(bad.as_bytes()), None, "{bad:?}");
+        }
     }
 }

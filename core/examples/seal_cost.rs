@@ -6,7 +6,7 @@
 //!     cargo run --release -p outbox_core --example seal_cost
 
 use outbox_core::auth::RecordKey;
-use outbox_core::event::{self, EmitArgs, EmitLimits};
+use outbox_core::event::{self, EmitArgs, EmitLimits, PayloadArg};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -16,13 +16,15 @@ fn main() {
         aggregatetype: Some("order"),
         aggregateid: Some("o-1"),
         event_type: Some("OrderCreated"),
-        payload: Some(payload),
+        payload: PayloadArg::Json(Some(payload)),
         headers: None,
+        trace: Default::default(),
     };
     let limits = EmitLimits {
         max_payload_bytes: 1_000_000,
         max_record_bytes: 1_000_000,
         topic_template: "outbox.event.{aggregatetype}",
+        cloudevents_source: "/outbox_ext/bench",
     };
     let ev = event::validate(args, limits).unwrap();
     let key = RecordKey::new(&[7; 32]);

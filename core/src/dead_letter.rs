@@ -43,9 +43,52 @@ pub struct Refusal {
 pub struct Record {
     pub topic: String,
     pub key: String,
-    pub value: String,
+    pub value: RecordValue,
     pub headers: Vec<(String, String)>,
     pub timestamp_ms: i64,
+}
+
+/// A record's value, owned, by the kind of event it came from (the table keeps each kind in
+/// its own column, and redelivery writes the same kind again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordValue {
+    Json(String),
+    Tombstone,
+    Bytes(Vec<u8>),
+}
+
+impl RecordValue {
+    pub fn of(value: &crate::event::Value<'_>) -> RecordValue {
+        match *value {
+            crate::event::Value::Json(text) => RecordValue::Json(text.to_string()),
+            crate::event::Value::Tombstone => RecordValue::Tombstone,
+            crate::event::Value::Bytes { data, .. } => RecordValue::Bytes(data.to_vec()),
+        }
+    }
+
+    /// The record's value: None for a tombstone.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            RecordValue::Json(text) => Some(text.as_bytes()),
+            RecordValue::Tombstone => None,
+            RecordValue::Bytes(data) => Some(data),
+        }
+    }
+
+    /// Whether the value holds bytes from `emit_binary` (they travel as such through librdkafka).
+    pub fn is_binary(&self) -> bool {
+        matches!(self, RecordValue::Bytes(_))
+    }
+
+    /// What librdkafka gives back, `binary` as the relay marked it when producing.
+    pub fn from_kafka(value: Option<&[u8]>, binary: bool) -> RecordValue {
+        match value {
+            None => RecordValue::Tombstone,
+            Some(data) if binary => RecordValue::Bytes(data.to_vec()),
+            // The relay only produces JSON text as a non-binary value.
+            Some(data) => RecordValue::Json(String::from_utf8_lossy(data).into_owned()),
+        }
+    }
 }
 
 /// A refused record on its way to the dead-letter topic or table.
@@ -91,63 +134,38 @@ pub fn dead_letter_headers(original: &[(String, String)], refusal: &Refusal, uni
     headers.push((ERROR_CODE.into(), refusal.code.to_string()));
     headers.push((ERROR_MESSAGE.into(), refusal.message.clone()));
     headers.push((ORIGINAL_TOPIC.into(), refusal.topic.clone()));
-    headers.push((TIME.into(), rfc3339_utc_ms(unix_ms)));
+    headers.push((TIME.into(), crate::time::rfc3339_utc_ms(unix_ms)));
     headers
 }
 
-/// `unix_ms` as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-pub fn rfc3339_utc_ms(unix_ms: i64) -> String {
-    let days = unix_ms.div_euclid(86_400_000);
-    let ms_of_day = unix_ms.rem_euclid(86_400_000);
-    let (y, m, d) = civil_from_days(days);
-    let (h, min, s, ms) =
-        (ms_of_day / 3_600_000, ms_of_day / 60_000 % 60, ms_of_day / 1000 % 60, ms_of_day % 1000);
-    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{ms:03}Z")
-}
 
-/// Howard Hinnant's `civil_from_days`: the proleptic Gregorian date `days` after 1970-01-01.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-/// The event behind a record the relay made (see `routing::record_headers`): the first three
-/// headers are `id`, `type` and `aggregatetype`, then its position (`commit_lsn`,
-/// `commit_index`; records made before the relay wrote them have none), the rest are the
-/// event's own.
+/// The event behind a record the relay made (see `routing::record_headers`), in either record
+/// format: its id, type and aggregatetype, the content type of a binary value, and its own
+/// headers (everything that is not the relay's: the position, the CloudEvents attributes and
+/// copies, `content-type`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventFields<'a> {
     pub id: &'a str,
     pub event_type: &'a str,
     pub aggregatetype: &'a str,
-    pub headers: &'a [(String, String)],
+    pub content_type: Option<&'a str>,
+    pub headers: Vec<&'a (String, String)>,
 }
 
 impl<'a> EventFields<'a> {
     /// None if the headers are not the relay's (which cannot happen for a record it made).
     pub fn of_record(headers: &'a [(String, String)]) -> Option<EventFields<'a>> {
-        match headers {
-            [(id, id_v), (ty, ty_v), (at, at_v), rest @ ..] if id == "id" && ty == "type" && at == "aggregatetype" => {
-                let rest = match rest {
-                    [(lsn, _), (index, _), own @ ..]
-                        if lsn == crate::routing::COMMIT_LSN_HEADER && index == crate::routing::COMMIT_INDEX_HEADER =>
-                    {
-                        own
-                    }
-                    own => own,
-                };
-                Some(EventFields { id: id_v, event_type: ty_v, aggregatetype: at_v, headers: rest })
-            }
-            _ => None,
-        }
+        use crate::routing::{ce, CONTENT_TYPE_HEADER};
+        let find = |plain: &str, cloudevents: &str| {
+            headers.iter().find(|(k, _)| k == plain || k == cloudevents).map(|(_, v)| v.as_str())
+        };
+        Some(EventFields {
+            id: find("id", ce::ID)?,
+            event_type: find("type", ce::TYPE)?,
+            aggregatetype: find("aggregatetype", ce::AGGREGATETYPE)?,
+            content_type: find(CONTENT_TYPE_HEADER, CONTENT_TYPE_HEADER),
+            headers: headers.iter().filter(|(k, _)| !crate::event::is_reserved_header(k)).collect(),
+        })
     }
 
     /// The event's own headers as the JSON object `emit` took.
@@ -161,15 +179,6 @@ impl<'a> EventFields<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times_are_rfc3339_utc() {
-        assert_eq!(rfc3339_utc_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_utc_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(rfc3339_utc_ms(1_795_519_506_789), "2026-11-24T11:25:06.789Z");
-        assert_eq!(rfc3339_utc_ms(-1), "1969-12-31T23:59:59.999Z");
-        assert_eq!(rfc3339_utc_ms(4_107_542_400_000), "2100-03-01T00:00:00.000Z");
-    }
 
     #[test]
     fn dead_letter_headers_keep_the_originals_and_add_the_reasons() {
@@ -188,7 +197,7 @@ mod tests {
         let original = Record {
             topic: "outbox.event.a".into(),
             key: "k".into(),
-            value: "{}".into(),
+            value: RecordValue::Bytes(vec![0, 1]),
             headers: vec![("id".into(), "1".into()), ("trace".into(), "t".into())],
             timestamp_ms: 5,
         };
@@ -202,14 +211,15 @@ mod tests {
         assert_eq!(dead, DeadLetter { seq: 3, record: original, refusal, dead_letter_error: Some("too large".into()) });
     }
 
+    fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
     #[test]
     fn event_fields_come_back_from_the_record() {
-        let h: Vec<(String, String)> = [("id", "0190"), ("type", "T"), ("aggregatetype", "order"), ("a", "1"), ("b", "\"")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let h = owned(&[("id", "0190"), ("type", "T"), ("aggregatetype", "order"), ("a", "1"), ("b", "\"")]);
         let f = EventFields::of_record(&h).unwrap();
-        assert_eq!((f.id, f.event_type, f.aggregatetype), ("0190", "T", "order"));
+        assert_eq!((f.id, f.event_type, f.aggregatetype, f.content_type), ("0190", "T", "order", None));
         assert_eq!(f.headers_json(), r#"{"a":"1","b":"\""}"#);
         assert!(EventFields::of_record(&h[1..]).is_none());
         // The position is the record's, not the event's: a redelivered event gets a new one.
@@ -217,5 +227,37 @@ mod tests {
         with_position.insert(3, ("commit_lsn".into(), "123".into()));
         with_position.insert(4, ("commit_index".into(), "0".into()));
         assert_eq!(EventFields::of_record(&with_position), EventFields::of_record(&h));
+    }
+
+    #[test]
+    fn event_fields_come_back_from_a_cloudevents_record() {
+        let h = owned(&[
+            ("ce_specversion", "1.0"),
+            ("ce_id", "0190"),
+            ("ce_source", "/outbox_ext/db"),
+            ("ce_type", "T"),
+            ("ce_subject", "k"),
+            ("ce_time", "2026-01-01T00:00:00.000000Z"),
+            ("content-type", "application/avro"),
+            ("ce_aggregatetype", "order"),
+            ("ce_commitlsn", "1"),
+            ("ce_commitindex", "0"),
+            ("a", "1"),
+            ("traceparent", "00-x"),
+            ("ce_traceparent", "00-x"),
+        ]);
+        let f = EventFields::of_record(&h).unwrap();
+        assert_eq!((f.id, f.event_type, f.aggregatetype, f.content_type), ("0190", "T", "order", Some("application/avro")));
+        assert_eq!(f.headers_json(), r#"{"a":"1","traceparent":"00-x"}"#);
+    }
+
+    #[test]
+    fn values_come_back_as_their_kind() {
+        assert_eq!(RecordValue::from_kafka(None, false), RecordValue::Tombstone);
+        assert_eq!(RecordValue::from_kafka(Some(b"{}"), false), RecordValue::Json("{}".into()));
+        assert_eq!(RecordValue::from_kafka(Some(b"{}"), true), RecordValue::Bytes(b"{}".to_vec()));
+        for v in [RecordValue::Tombstone, RecordValue::Json("1".into()), RecordValue::Bytes(vec![0xff])] {
+            assert_eq!(RecordValue::from_kafka(v.bytes(), v.is_binary()), v);
+        }
     }
 }

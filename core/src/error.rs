@@ -42,7 +42,12 @@ pub enum OutboxError {
     IllegalTopic { topic: String, reason: &'static str },
     /// `headers` was not a JSON object whose values are all strings, or used a reserved name.
     InvalidHeaders { reason: String },
-    /// The payload's JSON text is longer than `outbox.max_payload_bytes`.
+    /// `outbox.traceparent`/`outbox.tracestate`, or the `traceparent`/`tracestate` header, is
+    /// not W3C Trace Context (`source` names which).
+    InvalidTraceContext { source: &'static str, reason: String },
+    /// `emit_binary`'s content_type is not a media type.
+    InvalidContentType { reason: String },
+    /// The payload (JSON text or bytes) is longer than `outbox.max_payload_bytes`.
     PayloadTooLarge { size: usize, max: usize },
     /// The Kafka record the relay would make of the event (key, value and headers, as librdkafka
     /// sizes it) is larger than `outbox.max_record_bytes`.
@@ -69,7 +74,11 @@ impl OutboxError {
         use OutboxError::*;
         match self {
             NullArgument { .. } => SqlState::NullValueNotAllowed,
-            EmptyArgument { .. } | IllegalTopic { .. } | InvalidHeaders { .. } => {
+            EmptyArgument { .. }
+            | IllegalTopic { .. }
+            | InvalidHeaders { .. }
+            | InvalidTraceContext { .. }
+            | InvalidContentType { .. } => {
                 SqlState::InvalidParameterValue
             }
             PayloadTooLarge { .. } | RecordTooLarge { .. } | ArgumentTooLong { .. } => {
@@ -119,6 +128,10 @@ impl OutboxError {
                 "Emit a smaller event, or raise outbox.max_record_bytes together with the topics' max.message.bytes on the brokers."
                     .into(),
             ),
+            InvalidTraceContext { .. } => Some(format!(
+                "A traceparent is {}, as OpenTelemetry formats it; a tracestate is key=value pairs separated by commas.",
+                crate::trace_context::TRACEPARENT_FORM
+            )),
             IllegalTopic { .. } => Some(
                 "Kafka topic names use only ASCII letters, digits, '.', '_' and '-', at most 249 characters."
                     .into(),
@@ -138,6 +151,8 @@ impl fmt::Display for OutboxError {
                 write!(f, "outbox.emit(): topic \"{}\" is not a legal Kafka topic name: {reason}", truncate_for_message(topic))
             }
             InvalidHeaders { reason } => write!(f, "outbox.emit(): invalid headers: {reason}"),
+            InvalidTraceContext { source, reason } => write!(f, "outbox.emit(): {source} is not valid W3C trace context: {reason}"),
+            InvalidContentType { reason } => write!(f, "outbox.emit_binary(): content_type {reason}"),
             PayloadTooLarge { size, max } => write!(
                 f,
                 "outbox.emit(): payload is {size} bytes, more than outbox.max_payload_bytes ({max})"
@@ -199,6 +214,8 @@ mod tests {
             OutboxError::EmptyArgument { argument: "aggregateid" },
             OutboxError::IllegalTopic { topic: "a b".into(), reason: "x" },
             OutboxError::InvalidHeaders { reason: "x".into() },
+            OutboxError::InvalidTraceContext { source: "outbox.traceparent", reason: "x".into() },
+            OutboxError::InvalidContentType { reason: "x".into() },
             OutboxError::PayloadTooLarge { size: 2, max: 1 },
             OutboxError::RecordTooLarge { size: 2, max: 1, key: 0, value: 0, headers: 0 },
             OutboxError::ArgumentTooLong { argument: "type", size: 1 },

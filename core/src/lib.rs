@@ -21,6 +21,8 @@ pub mod partition;
 pub mod routing;
 pub mod slot_name;
 pub mod tail;
+pub mod time;
+pub mod trace_context;
 pub mod tracker;
 pub mod uuid7;
 

@@ -29,7 +29,7 @@
 use outbox_core::auth::RecordKey;
 use outbox_core::error::OutboxError;
 use outbox_core::event::{
-    self, decode, encode, parse_headers, validate, EmitArgs, EmitLimits, ValidEvent,
+    self, decode, encode, parse_headers, validate, EmitArgs, EmitLimits, PayloadArg, ValidEvent, Value,
     FORMAT_VERSION, RESERVED_HEADERS,
 };
 use outbox_core::routing;
@@ -65,8 +65,18 @@ fn config(cases: u32) -> ProptestConfig {
 // ---------------------------------------------------------------------------------------------
 
 const PLACEHOLDER: &str = "{aggregatetype}";
-/// "Header names that outbox_ext sets itself on every Kafka record" (routing.rs table).
-const RESERVED: [&str; 5] = ["id", "type", "aggregatetype", "commit_lsn", "commit_index"];
+/// "Header names that outbox_ext sets itself on a Kafka record" (routing.rs table, `plain`).
+const RESERVED: [&str; 6] = ["id", "type", "aggregatetype", "commit_lsn", "commit_index", "content-type"];
+
+/// event.rs: header names are refused if reserved, `content-type` in any case, or if they
+/// start with `ce_` or `outbox.dead_letter.` in any case.
+fn oracle_reserved(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    RESERVED.contains(&name)
+        || lower == "content-type"
+        || lower.starts_with("ce_")
+        || lower.starts_with("outbox.dead_letter.")
+}
 
 /// Kafka's rule as documented in routing.rs: `[A-Za-z0-9._-]`, 1 to 249 characters, not `.`
 /// or `..`.
@@ -92,6 +102,8 @@ fn oracle_wire(id: &[u8; 16], strings: [&str; 4], headers: &[(String, String)]) 
     }
     let mut out = Vec::new();
     out.extend_from_slice(id);
+    // The kind of value: 0, JSON.
+    out.push(0);
     for s in strings {
         put(&mut out, s);
     }
@@ -182,7 +194,7 @@ fn oracle_headers(value: &J) -> HeadersExpect {
     }
     let mut headers = BTreeMap::new();
     for (k, v) in last {
-        if RESERVED.contains(&k) {
+        if oracle_reserved(k) {
             return HeadersExpect::Reject;
         }
         match v {
@@ -486,7 +498,7 @@ fn header_name() -> impl Strategy<Value = String> {
         2 => prop::sample::select(RESERVED.to_vec()).prop_map(str::to_string),
         2 => prop::sample::select(vec![
             "ID", "Id", "TYPE", "Type", "AggregateType", "aggregateType", "aggregate_type",
-            " id", "id ", "id\0", "\0id", "ïd", "types", "aggregatetypes", "", "traceparent",
+            " id", "id ", "id\0", "\0id", "ïd", "types", "aggregatetypes", "", "Content-Type", "ce_id", "CE_type", "ce", "outbox.dead_letter.x",
         ])
         .prop_map(str::to_string),
         2 => prop::sample::select(vec!["k0", "k1", "k2"]).prop_map(str::to_string),
@@ -800,13 +812,15 @@ impl Emit {
             max_payload_bytes: self.max_payload_bytes(),
             max_record_bytes: usize::MAX,
             topic_template: template,
+            cloudevents_source: "/outbox_ext/db",
         };
         let args = EmitArgs {
             aggregatetype: self.aggregatetype.as_deref(),
             aggregateid: self.aggregateid.as_deref(),
             event_type: self.event_type.as_deref(),
-            payload: self.payload.as_deref(),
+            payload: PayloadArg::Json(self.payload.as_deref()),
             headers: self.headers.text.as_deref(),
+            trace: Default::default(),
         };
         validate(args, limits)
     }
@@ -876,12 +890,12 @@ impl Emit {
         prop_assert_eq!(ev.aggregatetype, aggregatetype);
         prop_assert_eq!(ev.aggregateid, aggregateid);
         prop_assert_eq!(ev.event_type, event_type);
-        prop_assert_eq!(ev.payload, payload);
+        prop_assert_eq!(ev.value, Value::Json(payload));
 
         // The headers are the documented ones, each name once, none reserved.
         let mut names: Vec<&str> = ev.headers.iter().map(|(k, _)| k.as_str()).collect();
         prop_assert!(
-            names.iter().all(|n| !RESERVED.contains(n)),
+            names.iter().all(|n| !oracle_reserved(n)),
             "reserved name in {:?}",
             ev.headers
         );
@@ -920,7 +934,7 @@ impl Emit {
         prop_assert_eq!(back.aggregatetype.as_bytes(), aggregatetype.as_bytes());
         prop_assert_eq!(back.aggregateid.as_bytes(), aggregateid.as_bytes());
         prop_assert_eq!(back.event_type.as_bytes(), event_type.as_bytes());
-        prop_assert_eq!(back.payload.as_bytes(), payload.as_bytes());
+        prop_assert_eq!(back.value, Value::Json(payload));
         let back_headers: Vec<(String, String)> =
             back.headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         prop_assert_eq!(&back_headers, &ev.headers);
@@ -933,7 +947,7 @@ impl Emit {
         let id_text = routing::id_text(&back);
         prop_assert_eq!(&id_text, &oracle_hyphenated(&self.id));
         let position = routing::PositionText::new(routing::Position { commit_lsn: u64::MAX, commit_index: 0 });
-        let record = routing::record_headers(&back, &id_text, &position);
+        let record = routing::record_headers(&back, &id_text, &position, &routing::Envelope::Plain);
         let mut expected_record: Vec<(&str, &str)> = vec![
             ("id", &id_text),
             ("type", event_type),
@@ -1011,8 +1025,8 @@ fn valid_call() -> impl Strategy<Value = Emit> {
         Just(HeadersArg { text: None, expect: HeadersExpect::Accept(BTreeMap::new()) }),
         headers_object(prop::collection::vec(
             (
-                header_name().prop_map(|k| if RESERVED.contains(&k.as_str()) {
-                    k + "_"
+                header_name().prop_map(|k| if oracle_reserved(&k) {
+                    "x".to_string() + &k
                 } else {
                     k
                 }),
@@ -1140,7 +1154,7 @@ proptest! {
                 prop_assert_eq!(&got, expected);
             }
             (Ok(got), Unknown) => {
-                prop_assert!(got.iter().all(|(k, _)| !RESERVED.contains(&k.as_str())));
+                prop_assert!(got.iter().all(|(k, _)| !oracle_reserved(k)));
             }
             (Err(e), Reject | Unknown | AcceptOrReject(_)) => {
                 prop_assert!(matches!(e, OutboxError::InvalidHeaders { .. }), "{:?}", e);
@@ -1197,33 +1211,55 @@ proptest! {
 struct Record {
     id: [u8; 16],
     strings: Vec<String>,
+    value: OracleValue,
     headers: Vec<(String, String)>,
 }
 
+#[derive(Debug, PartialEq)]
+enum OracleValue {
+    Json(String),
+    Tombstone,
+    Bytes { content_type: String, data: Vec<u8> },
+}
+
 /// What the layout in the module doc of event.rs makes of `body`: `None` unless it is exactly
-/// one record whose strings are all UTF-8. Written independently of `decode`.
+/// one record whose strings are all UTF-8 and whose kind is 0, 1 or 2. Written independently
+/// of `decode`.
 fn oracle_read(body: &[u8]) -> Option<Record> {
     fn u32_at(rest: &mut &[u8]) -> Option<u32> {
         let n = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
         *rest = &rest[4..];
         Some(n)
     }
-    fn string(rest: &mut &[u8]) -> Option<String> {
+    fn bytes(rest: &mut &[u8]) -> Option<Vec<u8>> {
         let n = u32_at(rest)? as usize;
         let bytes = rest.get(..n)?;
         *rest = &rest[n..];
-        String::from_utf8(bytes.to_vec()).ok()
+        Some(bytes.to_vec())
+    }
+    fn string(rest: &mut &[u8]) -> Option<String> {
+        String::from_utf8(bytes(rest)?).ok()
     }
     let mut rest = body;
     let id: [u8; 16] = rest.get(..16)?.try_into().ok()?;
-    rest = &rest[16..];
-    let strings = (0..4).map(|_| string(&mut rest)).collect::<Option<Vec<_>>>()?;
+    let kind = *rest.get(16)?;
+    rest = &rest[17..];
+    let strings = (0..3).map(|_| string(&mut rest)).collect::<Option<Vec<_>>>()?;
+    let value = match kind {
+        0 => OracleValue::Json(string(&mut rest)?),
+        1 => OracleValue::Tombstone,
+        2 => {
+            let content_type = string(&mut rest)?;
+            OracleValue::Bytes { content_type, data: bytes(&mut rest)? }
+        }
+        _ => return None,
+    };
     let count = u32_at(&mut rest)?;
     let mut headers = Vec::new();
     for _ in 0..count {
         headers.push((string(&mut rest)?, string(&mut rest)?));
     }
-    rest.is_empty().then_some(Record { id, strings, headers })
+    rest.is_empty().then_some(Record { id, strings, value, headers })
 }
 
 fn check_decode(body: &[u8]) -> Result<(), TestCaseError> {
@@ -1233,11 +1269,18 @@ fn check_decode(body: &[u8]) -> Result<(), TestCaseError> {
         (Ok(ev), Some(expected)) => {
             let got = Record {
                 id: ev.id,
-                strings: [ev.aggregatetype, ev.aggregateid, ev.event_type, ev.payload]
+                strings: [ev.aggregatetype, ev.aggregateid, ev.event_type]
                     .map(|s| {
                         String::from_utf8(s.as_bytes().to_vec()).expect("decode gave non-UTF-8")
                     })
                     .to_vec(),
+                value: match ev.value {
+                    Value::Json(text) => OracleValue::Json(text.to_string()),
+                    Value::Tombstone => OracleValue::Tombstone,
+                    Value::Bytes { data, content_type } => {
+                        OracleValue::Bytes { content_type: content_type.to_string(), data: data.to_vec() }
+                    }
+                },
                 headers: ev.headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             };
             prop_assert_eq!(got, expected);
@@ -1258,7 +1301,7 @@ fn reencode(ev: &event::EventRef<'_>) -> Vec<u8> {
         aggregatetype: ev.aggregatetype,
         aggregateid: ev.aggregateid,
         event_type: ev.event_type,
-        payload: ev.payload,
+        value: ev.value,
         headers: ev.headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
     };
     encode(&ev.id, &valid)
@@ -1271,18 +1314,25 @@ fn reencode(ev: &event::EventRef<'_>) -> Vec<u8> {
 #[test]
 fn reserved_header_names_are_the_ones_routing_sets() {
     assert_eq!(RESERVED_HEADERS, RESERVED);
+    // A binary value's record has them all.
     let ev = event::EventRef {
         id: [0; 16],
         aggregatetype: "a",
         aggregateid: "b",
         event_type: "c",
-        payload: "{}",
+        value: Value::Bytes { data: b"", content_type: "a/b" },
         headers: vec![],
     };
     let id = routing::id_text(&ev);
     let position = routing::PositionText::new(routing::Position::default());
-    let names: Vec<&str> = routing::record_headers(&ev, &id, &position).into_iter().map(|(k, _)| k).collect();
+    let names: Vec<&str> =
+        routing::record_headers(&ev, &id, &position, &routing::Envelope::Plain).into_iter().map(|(k, _)| k).collect();
     assert_eq!(names, RESERVED);
+    // In cloudevents mode every header the relay sets is reserved too.
+    let envelope = routing::Envelope::CloudEvents { source: "/s", time: outbox_core::time::Rfc3339Micros::new(0) };
+    for (name, _) in routing::record_headers(&ev, &id, &position, &envelope) {
+        assert!(oracle_reserved(name), "{name}");
+    }
 }
 
 /// Exhaustively, every ASCII character (and some others) alone, at the start, in the middle and
@@ -1300,13 +1350,14 @@ fn every_character_follows_the_topic_rule() {
             let template = format!("{prefix}{PLACEHOLDER}");
             let topic = format!("{prefix}{aggregatetype}");
             let limits =
-                EmitLimits { max_payload_bytes: 100, max_record_bytes: usize::MAX, topic_template: &template };
+                EmitLimits { max_payload_bytes: 100, max_record_bytes: usize::MAX, topic_template: &template, cloudevents_source: "/s" };
             let args = EmitArgs {
                 aggregatetype: Some(&aggregatetype),
                 aggregateid: Some("id"),
                 event_type: Some("t"),
-                payload: Some("{}"),
+                payload: PayloadArg::Json(Some("{}")),
                 headers: None,
+                trace: Default::default(),
             };
             let result = validate(args, limits);
             if oracle_topic_is_legal(&topic) {
@@ -1364,32 +1415,49 @@ proptest! {
         write_json_str(&mut payload, &pad, Style { ascii: false, spaces: false });
         let mut object = serde_json::Map::new();
         for (k, v) in &members {
-            if !RESERVED.contains(&k.as_str()) {
+            if !oracle_reserved(k) {
                 object.insert(k.clone(), serde_json::Value::String(v.clone()));
             }
         }
         let headers_text = serde_json::Value::Object(object.clone()).to_string();
         // The position headers at their longest: the relay only knows them after commit.
-        let mut headers = vec![
+        let own: Vec<(&str, &str)> = object.iter().map(|(k, v)| (k.as_str(), v.as_str().unwrap())).collect();
+        let mut plain = vec![
             ("id", "01234567-89ab-7cde-8f01-23456789abcd"),
             ("type", event_type.as_str()),
             ("aggregatetype", aggregatetype.as_str()),
             ("commit_lsn", "18446744073709551615"),
             ("commit_index", "18446744073709551615"),
         ];
-        headers.extend(object.iter().map(|(k, v)| (k.as_str(), v.as_str().unwrap())));
-        let size = oracle_record_size(&aggregateid, &payload, &headers);
+        plain.extend(own.iter().copied());
+        // The routing.rs table, `cloudevents`: the limit holds in either format.
+        let mut cloudevents = vec![
+            ("ce_specversion", "1.0"),
+            ("ce_id", "01234567-89ab-7cde-8f01-23456789abcd"),
+            ("ce_source", "/outbox_ext/fuzz"),
+            ("ce_type", event_type.as_str()),
+            ("ce_subject", aggregateid.as_str()),
+            ("ce_time", "2026-12-06T09:27:01.123456Z"),
+            ("content-type", "application/json"),
+            ("ce_aggregatetype", aggregatetype.as_str()),
+            ("ce_commitlsn", "18446744073709551615"),
+            ("ce_commitindex", "18446744073709551615"),
+        ];
+        cloudevents.extend(own.iter().copied());
+        let size = oracle_record_size(&aggregateid, &payload, &plain).max(oracle_record_size(&aggregateid, &payload, &cloudevents));
         let args = EmitArgs {
             aggregatetype: Some(&aggregatetype),
             aggregateid: Some(&aggregateid),
             event_type: Some(&event_type),
-            payload: Some(&payload),
+            payload: PayloadArg::Json(Some(&payload)),
             headers: Some(&headers_text),
+            trace: Default::default(),
         };
         let limits = |max| EmitLimits {
             max_payload_bytes: usize::MAX,
             max_record_bytes: max,
             topic_template: "outbox.event.{aggregatetype}",
+            cloudevents_source: "/outbox_ext/fuzz",
         };
         prop_assert!(validate(args, limits(size)).is_ok(), "refused at the limit ({} bytes)", size);
         match validate(args, limits(size - 1)) {

@@ -2,7 +2,8 @@
 # Installs what building and testing outbox_ext needs, skipping whatever is already there:
 # Debian packages (PostgreSQL 15 server and headers, a C toolchain and libclang for pgrx and
 # librdkafka), the PostgreSQL 16, 17 and 18 test fixtures (scripts/postgres.sh), cargo-pgrx
-# 0.18.1, and pgrx's configuration for all four versions.
+# 0.18.1, pgrx's configuration for all four versions, and the official CloudEvents SDK for
+# Python, which tests/e2e/record_formats.rs reads records with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/postgres.sh
@@ -28,6 +29,13 @@ fi
 for v in "${SUPPORTED_PG_VERSIONS[@]}"; do
     fetch_pg "$v"
 done
+
+# Outside the system's Python (Debian marks it externally managed), where the tests look.
+CLOUDEVENTS_SDK="${OUTBOX_PYTHONPATH:-$HOME/.cache/outbox_ext/python}"
+if ! PYTHONPATH="$CLOUDEVENTS_SDK" python3 -c 'import cloudevents.core.bindings.kafka' 2>/dev/null; then
+    echo "installing the CloudEvents SDK for Python into $CLOUDEVENTS_SDK"
+    python3 -m pip install -q --disable-pip-version-check --no-warn-conflicts --root-user-action=ignore --target "$CLOUDEVENTS_SDK" 'cloudevents==2.2.0'
+fi
 
 if [ "$(cargo pgrx --version 2>/dev/null)" != "cargo-pgrx 0.18.1" ]; then
     echo "installing cargo-pgrx 0.18.1 (takes a few minutes)"

@@ -6,7 +6,8 @@
 #   2. per version, cargo pgrx test pgNN: emit's validation and settings in a preloaded server
 #   3. per version, integration tests: scratch clusters of that version + librdkafka mock Kafka
 #      clusters. Every version runs delivery, transactions, lifecycle, recovery (worker kills,
-#      pg_ctl stop -m immediate), setup and upgrade; the long fault suites (faults, wal_safety)
+#      pg_ctl stop -m immediate), setup, upgrade and record_formats (with the CloudEvents SDK that
+#      install-deps.sh puts in ~/.cache/outbox_ext/python); the long fault suites (faults, wal_safety)
 #      run on the newest version only, to keep CI within its time (E2E_FULL=1: on every version).
 #   4. with PACKAGE_TEST=1 (as .ci/run does, as root): builds the PostgreSQL 15 package, installs
 #      it with dpkg into the system's PostgreSQL 15 in place of the cargo build, and runs the
@@ -18,7 +19,7 @@ requested=${PG_VERSIONS:-${PG:-}}   # before common.sh, which selects PG=15 by d
 
 read -r -a VERSIONS <<<"${requested:-${SUPPORTED_PG_VERSIONS[*]}}"
 NEWEST=${SUPPORTED_PG_VERSIONS[-1]}
-E2E_EVERY_VERSION=(delivery transactions lifecycle recovery setup upgrade forgery dead_letters failover databases launcher)
+E2E_EVERY_VERSION=(delivery transactions lifecycle recovery setup upgrade forgery dead_letters failover databases launcher record_formats)
 E2E_NEWEST_ONLY=(faults wal_safety)
 
 logdir=$(mktemp -d)

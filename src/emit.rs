@@ -1,12 +1,13 @@
-//! `outbox.emit()`: validate, encode, and write the event into the caller's transaction as a
-//! transactional logical-decoding message. It commits or rolls back with the caller, savepoints
+//! `outbox.emit()`, `outbox.emit_binary()` and `outbox.emit_tombstone()`: validate, encode,
+//! and write the event into the caller's transaction as a transactional logical-decoding
+//! message. It commits or rolls back with the caller, savepoints
 //! and two-phase commit included, because WAL decoding only ever replays committed
 //! (sub)transactions.
 
 use crate::error::{raise, OrRaise};
 use crate::ffi::{self, JsonbText, SlotCheck};
 use crate::{gucs, readiness, record_key};
-use outbox_core::event::{self, EmitArgs, EmitLimits};
+use outbox_core::event::{self, EmitArgs, EmitLimits, PayloadArg, TraceSettings};
 use outbox_core::routing;
 use outbox_core::uuid7::Uuid7Generator;
 use outbox_core::OutboxError;
@@ -38,26 +39,66 @@ fn emit(
     headers: default!(Option<JsonbText>, "NULL"),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pgrx::Uuid {
-    let args = sql_args(aggregatetype, aggregateid, event_type, &payload, &headers);
+    let payload = PayloadArg::Json(payload.as_ref().map(|p| p.0.as_str()));
     // Sealed for this installation: the emit function being called.
-    write_event(args, None, ffi::called_function_oid(fcinfo))
+    emit_traced(aggregatetype, aggregateid, event_type, payload, &headers, ffi::called_function_oid(fcinfo))
 }
 
-/// An event's fields as SQL passes them to `emit` (and to `_redeliver_event`).
-pub fn sql_args<'a>(
-    aggregatetype: Option<&'a str>,
-    aggregateid: Option<&'a str>,
-    event_type: Option<&'a str>,
-    payload: &'a Option<JsonbText>,
-    headers: &'a Option<JsonbText>,
-) -> EmitArgs<'a> {
-    EmitArgs {
+/// Records an event whose value is `payload`'s bytes, unchanged, typed `content_type`.
+#[pg_extern(name = "emit_binary", sql = false)]
+fn emit_binary(
+    aggregatetype: Option<&str>,
+    aggregateid: Option<&str>,
+    event_type: Option<&str>,
+    payload: Option<&[u8]>,
+    headers: Option<JsonbText>,
+    content_type: Option<&str>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pgrx::Uuid {
+    let payload = PayloadArg::Bytes { data: payload, content_type };
+    emit_traced(aggregatetype, aggregateid, event_type, payload, &headers, sibling_installation(fcinfo))
+}
+
+/// Records a tombstone: a record with the key and no value, which deletes the key from a
+/// compacted topic.
+#[pg_extern(name = "emit_tombstone", sql = false)]
+fn emit_tombstone(
+    aggregatetype: Option<&str>,
+    aggregateid: Option<&str>,
+    event_type: Option<&str>,
+    headers: Option<JsonbText>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pgrx::Uuid {
+    let installation = sibling_installation(fcinfo);
+    emit_traced(aggregatetype, aggregateid, event_type, PayloadArg::Tombstone, &headers, installation)
+}
+
+/// The installation of the emit function called (not `outbox.emit` itself): the one that made it.
+fn sibling_installation(fcinfo: pg_sys::FunctionCallInfo) -> u32 {
+    record_key::installation_of_sibling(ffi::called_function_oid(fcinfo))
+        .unwrap_or_else(|| raise(OutboxError::KeyNotLoaded))
+}
+
+/// The emit functions' common path: the transaction's trace context (outbox.traceparent,
+/// outbox.tracestate) goes with the event, sealed for `installation`.
+fn emit_traced(
+    aggregatetype: Option<&str>,
+    aggregateid: Option<&str>,
+    event_type: Option<&str>,
+    payload: PayloadArg<'_>,
+    headers: &Option<JsonbText>,
+    installation: u32,
+) -> pgrx::Uuid {
+    let (traceparent, tracestate) = (gucs::traceparent(), gucs::tracestate());
+    let args = EmitArgs {
         aggregatetype,
         aggregateid,
         event_type,
-        payload: payload.as_ref().map(|p| p.0.as_str()),
+        payload,
         headers: headers.as_ref().map(|h| h.0.as_str()),
-    }
+        trace: TraceSettings { traceparent: Some(&traceparent), tracestate: Some(&tracestate) },
+    };
+    write_event(args, None, installation)
 }
 
 /// Validates the event, checks that the relay will read it, and writes it into the caller's
@@ -65,11 +106,13 @@ pub fn sql_args<'a>(
 /// new UUIDv7 unless given (a redelivered event keeps its own).
 pub fn write_event(args: EmitArgs<'_>, id: Option<[u8; 16]>, installation: u32) -> pgrx::Uuid {
     readiness::check_ready().or_raise();
-    let topic_template = database_topic_template();
+    let topic_template = database_template(gucs::topic_template());
+    let cloudevents_source = database_template(gucs::cloudevents_source_template());
     let limits = EmitLimits {
         max_payload_bytes: gucs::max_payload_bytes(),
         max_record_bytes: gucs::max_record_bytes(),
         topic_template: &topic_template,
+        cloudevents_source: &cloudevents_source,
     };
     let event = event::validate(args, limits).or_raise();
 
@@ -105,9 +148,9 @@ thread_local! {
     static DATABASE_NAME: std::cell::OnceCell<String> = const { std::cell::OnceCell::new() };
 }
 
-/// `outbox.topic` for this database (`{database}` replaced), as its relay routes with it.
-fn database_topic_template() -> String {
-    let template = gucs::topic_template();
+/// `outbox.topic` or `outbox.cloudevents_source` for this database (`{database}` replaced), as
+/// its relay uses it.
+fn database_template(template: String) -> String {
     if !template.contains(routing::DATABASE_PLACEHOLDER) {
         return template;
     }

@@ -29,6 +29,11 @@ static EXACTLY_ONCE_GUC: GucSetting<bool> = GucSetting::<bool>::new(true);
 static ON_PERMANENT_ERROR_GUC: GucSetting<PermanentErrorSetting> =
     GucSetting::<PermanentErrorSetting>::new(PermanentErrorSetting::Stop);
 static DEAD_LETTER_TOPIC_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"outbox.dead_letter"));
+static RECORD_FORMAT_GUC: GucSetting<RecordFormatSetting> = GucSetting::<RecordFormatSetting>::new(RecordFormatSetting::Plain);
+static CLOUDEVENTS_SOURCE_GUC: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"/outbox_ext/{database}"));
+static TRACEPARENT_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static TRACESTATE_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// The values of `outbox.on_permanent_error`.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -37,6 +42,15 @@ pub enum PermanentErrorSetting {
     Stop,
     #[name = c"dead_letter"]
     DeadLetter,
+}
+
+/// The values of `outbox.record_format`.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RecordFormatSetting {
+    #[name = c"plain"]
+    Plain,
+    #[name = c"cloudevents"]
+    CloudEvents,
 }
 
 /// Registers the settings and reserves the `outbox` prefix, so a typo such as
@@ -140,6 +154,38 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::empty(),
     );
+    GucRegistry::define_enum_guc(
+        c"outbox.record_format",
+        c"How a Kafka record carries the event's attributes: plain headers (Debezium's outbox format) or cloudevents (CloudEvents 1.0, Kafka binding, binary mode).",
+        c"The key and the value are the same in both.",
+        &RECORD_FORMAT_GUC,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.cloudevents_source",
+        c"The CloudEvents source (ce_source) of records in the cloudevents format, a URI reference; {database} is replaced by the database's name.",
+        c"",
+        &CLOUDEVENTS_SOURCE_GUC,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.traceparent",
+        c"W3C traceparent that outbox.emit() copies into the header traceparent; set it for a transaction with SET LOCAL.",
+        c"00-<trace id>-<parent id>-<flags>; a malformed value makes emit fail with 22023.",
+        &TRACEPARENT_GUC,
+        GucContext::Userset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.tracestate",
+        c"W3C tracestate that outbox.emit() copies into the header tracestate, with outbox.traceparent.",
+        c"",
+        &TRACESTATE_GUC,
+        GucContext::Userset,
+        GucFlags::empty(),
+    );
     crate::ffi::reserve_guc_prefix("outbox");
 }
 
@@ -196,6 +242,27 @@ pub fn on_permanent_error() -> OnPermanentError {
 
 pub fn dead_letter_topic() -> String {
     string(&DEAD_LETTER_TOPIC_GUC).trim().to_string()
+}
+
+pub fn record_format() -> outbox_core::routing::RecordFormat {
+    match RECORD_FORMAT_GUC.get() {
+        RecordFormatSetting::Plain => outbox_core::routing::RecordFormat::Plain,
+        RecordFormatSetting::CloudEvents => outbox_core::routing::RecordFormat::CloudEvents,
+    }
+}
+
+/// `outbox.cloudevents_source` with `{database}` still in it.
+pub fn cloudevents_source_template() -> String {
+    string(&CLOUDEVENTS_SOURCE_GUC).trim().to_string()
+}
+
+/// The transaction's trace context, as `emit` captures it (empty: unset).
+pub fn traceparent() -> String {
+    string(&TRACEPARENT_GUC)
+}
+
+pub fn tracestate() -> String {
+    string(&TRACESTATE_GUC)
 }
 
 /// Whether the relay reads its partitions' tails so as not to produce an event twice.

@@ -228,6 +228,30 @@ pub fn current_installation() -> Option<u32> {
     BackgroundWorker::transaction(installation_in_transaction)
 }
 
+thread_local! {
+    /// The installation of each emit function other than `outbox.emit` this backend called
+    /// (`emit_binary`, `emit_tombstone`), by the function's OID.
+    static SIBLINGS: RefCell<Vec<(u32, u32)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The installation of the extension function `function` (the OID of the emit function of the
+/// installation that made it): looked up once per function and backend. A function of a
+/// dropped installation cannot be called, so an OID seen once keeps its installation.
+pub fn installation_of_sibling(function: u32) -> Option<u32> {
+    if let Some(found) = SIBLINGS.with(|s| s.borrow().iter().find(|(f, _)| *f == function).map(|(_, i)| *i)) {
+        return Some(found);
+    }
+    let installation = installation_in_transaction()?;
+    SIBLINGS.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() >= 16 {
+            s.clear();
+        }
+        s.push((function, installation));
+    });
+    Some(installation)
+}
+
 /// The installation whose emit function the current transaction sees, if any.
 pub fn installation_in_transaction() -> Option<u32> {
     crate::catalog_read::one::<pg_sys::Oid>(&format!("SELECT to_regprocedure('{EMIT_SIGNATURE}')::oid"))

@@ -155,6 +155,10 @@ mod tests {
             ("outbox.on_permanent_error", "sighup", "stop"),
             ("outbox.failover_slot", "postmaster", "on"),
             ("outbox.dead_letter_topic", "sighup", "outbox.dead_letter"),
+            ("outbox.record_format", "sighup", "plain"),
+            ("outbox.cloudevents_source", "sighup", "/outbox_ext/{database}"),
+            ("outbox.traceparent", "user", ""),
+            ("outbox.tracestate", "user", ""),
         ];
         for (name, context, setting) in rows {
             let got = Spi::get_two_with_args::<String, String>(
@@ -221,7 +225,9 @@ mod tests {
         for sql in [
             "SELECT outbox.redeliver('01890000-0000-7000-8000-000000000001')",
             "SELECT outbox.redeliver_all()",
-            "SELECT outbox._redeliver_event(gen_random_uuid(), 'a', 'k', 't', '{}', '{}')",
+            "SELECT outbox._redeliver_event(gen_random_uuid(), 'a', 'k', 't', '{}', NULL, NULL, '{}')",
+            "SELECT outbox.emit_binary('a', 'k', 't', '\\x00')",
+            "SELECT outbox.emit_tombstone('a', 'k', 't')",
             "SELECT count(*) FROM outbox.dead_letter",
         ] {
             assert_eq!(sqlstate_of(sql), "42501", "{sql}");

@@ -74,6 +74,11 @@ pub fn pg_timestamp_to_unix_ms(ts: i64) -> i64 {
     (ts + PG_EPOCH_OFFSET_US).div_euclid(1000)
 }
 
+/// A PostgreSQL `TimestampTz` as microseconds since the Unix epoch.
+pub fn pg_timestamp_to_unix_us(ts: i64) -> i64 {
+    ts.saturating_add(PG_EPOCH_OFFSET_US)
+}
+
 /// Where an event stands among its database's events: the LSN of its transaction's commit
 /// record, then its 0-based index among that transaction's committed events in emit order
 /// (events rolled back to a savepoint take none). Ordered as the relay produces them.

@@ -8,9 +8,11 @@ use super::signals;
 use super::tail::{Tails, Unavailable};
 use crate::ffi::{DecodeSink, TxnInfo};
 use outbox_core::auth::RecordKey;
-use outbox_core::dead_letter::{self as dl, DeadLetter, OnPermanentError, Record, Refusal};
+use outbox_core::dead_letter::{self as dl, DeadLetter, OnPermanentError, Record, RecordValue, Refusal};
 use outbox_core::event::{self, EventRef};
-use outbox_core::routing::{self, Position, PositionText};
+use outbox_core::routing::{self, Envelope, Position, PositionText};
+use outbox_core::time::Rfc3339Micros;
+use std::rc::Rc;
 use outbox_core::tracker::{DeliveryTracker, Progress};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -207,10 +209,18 @@ pub struct EventRouter {
     next_index: u64,
     /// With `outbox.exactly_once`: each partition's tail, read before the first record to it.
     pub tails: Option<Tails>,
+    /// `outbox.record_format = cloudevents`: the `ce_source` of this database's records.
+    cloudevents_source: Option<Rc<str>>,
 }
 
 impl EventRouter {
-    pub fn new(producer: KafkaProducer, topic_template: String, policy: DeadLetterPolicy) -> EventRouter {
+    /// `cloudevents_source`: Some in `outbox.record_format = cloudevents`.
+    pub fn new(
+        producer: KafkaProducer,
+        topic_template: String,
+        policy: DeadLetterPolicy,
+        cloudevents_source: Option<String>,
+    ) -> EventRouter {
         EventRouter {
             producer,
             tracker: DeliveryTracker::new(),
@@ -230,6 +240,7 @@ impl EventRouter {
             broker_trouble: false,
             next_index: 0,
             tails: None,
+            cloudevents_source: cloudevents_source.map(Rc::from),
         }
     }
 
@@ -346,7 +357,8 @@ impl EventRouter {
             let headers = dl::dead_letter_headers(&dead.record.headers, &dead.refusal, now_ms);
             let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             let r = &dead.record;
-            match self.producer.send(&self.policy.topic, None, &r.key, &r.value, &headers, r.timestamp_ms, dead.seq, true) {
+            let (value, binary) = (r.value.bytes(), r.value.is_binary());
+            match self.producer.send(&self.policy.topic, None, &r.key, value, binary, &headers, r.timestamp_ms, dead.seq, true) {
                 Ok(()) => {
                     self.to_topic.pop_front();
                 }
@@ -412,7 +424,15 @@ impl EventRouter {
     fn route(&mut self, txn: TxnInfo, position: Position, ev: &EventRef<'_>) {
         let id = routing::id_text(ev);
         let position_text = PositionText::new(position);
-        let headers = routing::record_headers(ev, &id, &position_text);
+        let source = self.cloudevents_source.clone();
+        let envelope = match &source {
+            None => Envelope::Plain,
+            Some(source) => Envelope::CloudEvents {
+                source,
+                time: Rfc3339Micros::new(routing::pg_timestamp_to_unix_us(txn.commit_time)),
+            },
+        };
+        let headers = routing::record_headers(ev, &id, &position_text, &envelope);
         let timestamp = routing::pg_timestamp_to_unix_ms(txn.commit_time);
         let seq = self.tracker.add_event(txn.end_lsn, txn.commit_time);
         let topic = self.topic(ev.aggregatetype).to_string();
@@ -444,7 +464,8 @@ impl EventRouter {
             }
         }
         loop {
-            match self.producer.send(&topic, partition, ev.aggregateid, ev.payload, &headers, timestamp, seq, false) {
+            let (value, binary) = (ev.value.bytes(), matches!(ev.value, event::Value::Bytes { .. }));
+            match self.producer.send(&topic, partition, ev.aggregateid, value, binary, &headers, timestamp, seq, false) {
                 Ok(()) => return,
                 Err(Ok(QueueFull)) => {
                     // Back-pressure: librdkafka holds as much as queue.buffering.max.kbytes
@@ -501,7 +522,7 @@ fn record_of(topic: String, ev: &EventRef<'_>, headers: &[(&str, &str)], timesta
     Record {
         topic,
         key: ev.aggregateid.to_string(),
-        value: ev.payload.to_string(),
+        value: RecordValue::of(&ev.value),
         headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         timestamp_ms,
     }

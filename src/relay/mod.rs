@@ -65,6 +65,10 @@ pub struct RelaySettings {
     pub dead_letters: decode::DeadLetterPolicy,
     /// `outbox.exactly_once`.
     pub exactly_once: bool,
+    /// `outbox.record_format`.
+    pub record_format: routing::RecordFormat,
+    /// `outbox.cloudevents_source` with `{database}` replaced.
+    pub cloudevents_source: String,
     /// May hold secrets: never logged, never shown (see the Debug impl).
     kafka_properties: String,
 }
@@ -77,6 +81,8 @@ impl std::fmt::Debug for RelaySettings {
             .field("max_record_bytes", &self.max_record_bytes)
             .field("dead_letters", &self.dead_letters)
             .field("exactly_once", &self.exactly_once)
+            .field("record_format", &self.record_format)
+            .field("cloudevents_source", &self.cloudevents_source)
             .field("kafka_properties", &"<hidden>")
             .finish()
     }
@@ -95,6 +101,8 @@ impl RelaySettings {
                 topic: gucs::dead_letter_topic(),
             },
             exactly_once: gucs::exactly_once(),
+            record_format: gucs::record_format(),
+            cloudevents_source: routing::database_template(&gucs::cloudevents_source_template(), database),
             kafka_properties: gucs::kafka_properties(),
         }
     }
@@ -125,6 +133,13 @@ impl RelaySettings {
             }
             produce::ProducerError::Other(message) => message,
         }
+    }
+
+    /// True if a change from `other` to `self` changes the records the router makes.
+    pub fn routing_changed(&self, other: &RelaySettings) -> bool {
+        self.topic_template != other.topic_template
+            || self.record_format != other.record_format
+            || self.cloudevents_source != other.cloudevents_source
     }
 
     /// True if a change from `other` to `self` needs a new producer.

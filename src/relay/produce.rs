@@ -3,7 +3,7 @@
 //! crossbeam channel, so no Postgres code ever runs on a librdkafka thread.
 
 use crossbeam_channel::{Receiver, Sender};
-use outbox_core::dead_letter::{Record, Refusal};
+use outbox_core::dead_letter::{Record, RecordValue, Refusal};
 use outbox_core::tracker::TxnSeq;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -74,6 +74,7 @@ impl ProducerContext for RelayContext {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let (seq, dead_letter, binary) = unpack_opaque(opaque);
         let error = match result {
             Ok(_) => None,
             Err((e, m)) => {
@@ -81,12 +82,11 @@ impl ProducerContext for RelayContext {
                 failure.message = self.redact(&failure.message);
                 if failure.permanent {
                     // Kept only for records no retry can deliver: the dead-letter path needs them.
-                    failure.record = Some(record_of(m));
+                    failure.record = Some(record_of(m, binary));
                 }
                 Some(Box::new(failure))
             }
         };
-        let (seq, dead_letter) = unpack_opaque(opaque);
         let _ = self.reports.send(Report::Delivery { seq, dead_letter, error });
     }
 }
@@ -129,8 +129,8 @@ impl Failure {
     }
 }
 
-/// The record librdkafka reports on, copied out of it.
-fn record_of<M: Message>(m: &M) -> Record {
+/// The record librdkafka reports on, copied out of it; `binary` as it was sent.
+fn record_of<M: Message>(m: &M, binary: bool) -> Record {
     use rdkafka::message::Headers;
     let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
     let headers =
@@ -138,7 +138,7 @@ fn record_of<M: Message>(m: &M) -> Record {
     Record {
         topic: m.topic().to_string(),
         key: text(m.key()),
-        value: text(m.payload()),
+        value: RecordValue::from_kafka(m.payload(), binary),
         headers,
         timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
     }
@@ -146,13 +146,15 @@ fn record_of<M: Message>(m: &M) -> Record {
 
 /// The opaque of a dead-letter copy has this bit set on top of its event's sequence number.
 const DEAD_LETTER_BIT: usize = 1 << 63;
+/// The value holds bytes from `emit_binary`, not JSON text (for the dead-letter table).
+const BINARY_BIT: usize = 1 << 62;
 
-fn pack_opaque(seq: TxnSeq, dead_letter: bool) -> usize {
-    seq as usize | if dead_letter { DEAD_LETTER_BIT } else { 0 }
+fn pack_opaque(seq: TxnSeq, dead_letter: bool, binary: bool) -> usize {
+    seq as usize | if dead_letter { DEAD_LETTER_BIT } else { 0 } | if binary { BINARY_BIT } else { 0 }
 }
 
-fn unpack_opaque(opaque: usize) -> (TxnSeq, bool) {
-    ((opaque & !DEAD_LETTER_BIT) as TxnSeq, opaque & DEAD_LETTER_BIT != 0)
+fn unpack_opaque(opaque: usize) -> (TxnSeq, bool, bool) {
+    ((opaque & !(DEAD_LETTER_BIT | BINARY_BIT)) as TxnSeq, opaque & DEAD_LETTER_BIT != 0, opaque & BINARY_BIT != 0)
 }
 
 /// Errors for one record that resending the same bytes to the same cluster cannot fix: the
@@ -226,15 +228,17 @@ impl KafkaProducer {
     }
 
     /// Hands one record to librdkafka (which copies it), to `partition` or, if None, to the one
-    /// librdkafka's partitioner picks. On a full queue the caller should poll and try again. `dead_letter` marks the dead-letter copy of a refused record: its
-    /// report says so.
+    /// librdkafka's partitioner picks; `value` None is a tombstone (a null value), and `binary`
+    /// says it holds bytes rather than JSON text. On a full queue the caller should poll and
+    /// try again. `dead_letter` marks the dead-letter copy of a refused record: its report says so.
     #[allow(clippy::too_many_arguments)]
     pub fn send(
         &self,
         topic: &str,
         partition: Option<i32>,
         key: &str,
-        payload: &str,
+        value: Option<&[u8]>,
+        binary: bool,
         headers: &[(&str, &str)],
         timestamp_ms: i64,
         seq: TxnSeq,
@@ -249,15 +253,15 @@ impl KafkaProducer {
             let _ = self.producer.context().reports.send(Report::Delivery { seq, dead_letter, error: None });
             return Ok(());
         }
-        let mut record = BaseRecord::with_opaque_to(topic, pack_opaque(seq, dead_letter));
+        let mut record: BaseRecord<'_, str, [u8], usize> =
+            BaseRecord::with_opaque_to(topic, pack_opaque(seq, dead_letter, binary));
         if let Some(p) = partition {
             record = record.partition(p);
         }
-        let record = record
-            .key(key)
-            .payload(payload)
-            .timestamp(timestamp_ms)
-            .headers(h);
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        let record = record.key(key).timestamp(timestamp_ms).headers(h);
         match self.producer.send(record) {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(Ok(QueueFull)),
@@ -315,9 +319,10 @@ mod tests {
 
     #[test]
     fn the_dead_letter_bit_round_trips() {
-        for seq in [0, 1, 12345, (1 << 62) + 7] {
-            assert_eq!(unpack_opaque(pack_opaque(seq, false)), (seq, false));
-            assert_eq!(unpack_opaque(pack_opaque(seq, true)), (seq, true));
+        for seq in [0, 1, 12345, (1 << 61) + 7] {
+            for (dead_letter, binary) in [(false, false), (true, false), (false, true), (true, true)] {
+                assert_eq!(unpack_opaque(pack_opaque(seq, dead_letter, binary)), (seq, dead_letter, binary));
+            }
         }
     }
 }

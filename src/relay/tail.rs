@@ -382,12 +382,15 @@ fn read_chunks(consumer: &BaseConsumer, topic: &str, scans: &mut [PartitionScan]
                 if m.offset() < s.end {
                     let (mut id, mut lsn, mut index) = (None, None, None);
                     if let Some(headers) = m.headers() {
+                        // Either record format: a partition can hold both.
+                        use outbox_core::routing::{is_commit_index_header, is_commit_lsn_header, is_id_header};
                         for h in headers.iter() {
-                            match h.key {
-                                "id" => id = h.value,
-                                outbox_core::routing::COMMIT_LSN_HEADER => lsn = h.value,
-                                outbox_core::routing::COMMIT_INDEX_HEADER => index = h.value,
-                                _ => {}
+                            if is_id_header(h.key) {
+                                id = h.value;
+                            } else if is_commit_lsn_header(h.key) {
+                                lsn = h.value;
+                            } else if is_commit_index_header(h.key) {
+                                index = h.value;
                             }
                         }
                     }

@@ -28,7 +28,7 @@ use crate::gucs;
 use pgrx::pg_sys;
 use crate::record_key::InstalledKey;
 use crate::status::{Guarantee, RelayState, StatusWriter};
-use outbox_core::routing;
+use outbox_core::routing::{self, RecordFormat};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
@@ -420,7 +420,7 @@ impl Relay {
             return;
         }
         log!("outbox_ext relay: configuration reloaded");
-        let rebuild = new.kafka_changed(&self.settings) || new.topic_template != self.settings.topic_template;
+        let rebuild = new.kafka_changed(&self.settings) || new.routing_changed(&self.settings);
         if let Some(router) = self.router.as_mut() {
             router.policy = new.dead_letters.clone();
         }
@@ -440,6 +440,17 @@ impl Relay {
             self.status.set_error(&format!("outbox.topic: {e}"));
             return false;
         }
+        let cloudevents_source = match self.settings.record_format {
+            RecordFormat::Plain => None,
+            RecordFormat::CloudEvents => {
+                if let Err(e) = routing::check_cloudevents_source(&self.settings.cloudevents_source) {
+                    self.status.set_state(RelayState::ConfigError);
+                    self.status.set_error(&format!("outbox.cloudevents_source: {e}"));
+                    return false;
+                }
+                Some(self.settings.cloudevents_source.clone())
+            }
+        };
         let config = match self.settings.producer_config() {
             Ok(c) => c,
             Err(e) => {
@@ -450,7 +461,12 @@ impl Relay {
         };
         match KafkaProducer::new(&config) {
             Ok(p) => {
-                let mut router = EventRouter::new(p, self.settings.topic_template.clone(), self.settings.dead_letters.clone());
+                let mut router = EventRouter::new(
+                    p,
+                    self.settings.topic_template.clone(),
+                    self.settings.dead_letters.clone(),
+                    cloudevents_source,
+                );
                 router.refused = std::mem::take(&mut self.refused);
                 let guarantee = guarantee_of(&self.settings, &config);
                 if guarantee == Guarantee::ExactlyOnce {

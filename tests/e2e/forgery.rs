@@ -6,7 +6,7 @@
 //! the events of a dropped installation still open after a restart.
 
 use outbox_core::auth::{RecordKey, KEY_LEN};
-use outbox_core::event::{self, EmitArgs, EmitLimits};
+use outbox_core::event::{self, EmitArgs, EmitLimits, PayloadArg};
 use outbox_tests::{check, streaming_relay, wait_until, Collector, Emitted, MockKafka, PgCluster, DEADLINE};
 
 /// The record of an event as emit lays it out (before its version byte and tag).
@@ -15,13 +15,15 @@ fn record(id: [u8; 16], aggregatetype: &str, aggregateid: &str, event_type: &str
         aggregatetype: Some(aggregatetype),
         aggregateid: Some(aggregateid),
         event_type: Some(event_type),
-        payload: Some(payload),
+        payload: PayloadArg::Json(Some(payload)),
         headers: None,
+        trace: Default::default(),
     };
     let limits = EmitLimits {
         max_payload_bytes: usize::MAX,
         max_record_bytes: usize::MAX,
         topic_template: "outbox.event.{aggregatetype}",
+        cloudevents_source: "/outbox_ext/postgres",
     };
     event::encode(&id, &event::validate(args, limits).unwrap())
 }

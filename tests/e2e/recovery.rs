@@ -65,6 +65,24 @@ fn worker_sigkilled_three_times_while_streaming() {
     assert_eq!(pg.status("delivery_guarantee"), "exactly once");
 }
 
+/// In the cloudevents record format the relay finds its records by `ce_id`, `ce_commitlsn`
+/// and `ce_commitindex`: the same kills, no duplicate.
+#[test]
+fn worker_sigkilled_three_times_in_the_cloudevents_format() {
+    let (report, pg) = worker_sigkilled_three_times("cekill", &[("outbox.record_format", "cloudevents")]);
+    report.assert_ok("worker SIGKILLed 3 times, cloudevents records", 0);
+    assert_eq!(pg.status("delivery_guarantee"), "exactly once");
+}
+
+/// Its control: at least once, the same kills leave duplicates that the checker finds by `ce_id`.
+#[test]
+fn worker_sigkilled_three_times_in_the_cloudevents_format_at_least_once() {
+    let settings = [("outbox.record_format", "cloudevents"), ("outbox.exactly_once", "off")];
+    let (report, _pg) = worker_sigkilled_three_times("cekill_alo", &settings);
+    report.assert_ok("worker SIGKILLed 3 times, cloudevents records, at least once", usize::MAX);
+    assert!(report.duplicates > 0, "at least once, kills leave duplicates: {report}");
+}
+
 /// The control: the same kills at least once resend what the slot did not record, which shows
 /// that the checker sees duplicates.
 #[test]

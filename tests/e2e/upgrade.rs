@@ -12,6 +12,9 @@ use std::path::Path;
 /// The first release. Its install script, as it shipped, is tests/fixtures/outbox_ext--0.1.0.sql.
 const FIRST_RELEASE: &str = "0.1.0";
 
+/// The release before this one (tests/fixtures/outbox_ext--0.2.0.sql, as it shipped).
+const PREVIOUS_RELEASE: &str = "0.2.0";
+
 /// Everything of the extension a user can see or rely on, one line per object: members,
 /// function signatures, results, volatility, security, settings, grants, comments and bodies,
 /// tables with their row-level security, columns, indexes, constraints and policies, and the
@@ -115,5 +118,54 @@ fn update_from_the_first_release_authenticates_events_and_matches_a_fresh_instal
     fresh.sql("CREATE EXTENSION outbox_ext");
     let (upgraded, installed) = (schema_of(&pg), schema_of(&fresh));
     assert!(installed.lines().count() > 20, "the comparison sees the extension's objects:\n{installed}");
+    assert_eq!(upgraded, installed, "the upgraded schema differs from a fresh installation");
+}
+
+/// From 0.2.0: the new library runs with 0.2.0's SQL (emit works, events are relayed), events
+/// wait in WAL across the update, and afterwards they arrive, the new functions work, a dead
+/// letter of 0.2.0's table keeps its JSON payload, and the schema is a fresh installation's.
+#[test]
+fn update_from_the_previous_release_with_events_pending() {
+    let topic = "outbox.event.upgrade";
+    let kafka = MockKafka::start(3);
+    kafka.create_topic(topic, 3);
+    install_extension_script(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/outbox_ext--0.2.0.sql"));
+    let mut pg = PgCluster::init(&[]);
+    pg.sql(&format!("CREATE EXTENSION outbox_ext VERSION '{PREVIOUS_RELEASE}'"));
+    pg.wait_for_state("unconfigured", DEADLINE);
+
+    // Events emitted through 0.2.0's SQL wait in WAL (no Kafka yet), also a 0.2.0 dead letter.
+    let mut emitted = Emitted::default();
+    for batch in 0..4 {
+        for (id, key) in pg.emit_batch("upgrade", "k", 7, batch * 50, 50, true) {
+            emitted.commit(id, key);
+        }
+    }
+    pg.sql("INSERT INTO outbox.dead_letter (id, aggregatetype, aggregateid, type, payload, headers, topic, error_code, error, committed_at)
+            VALUES ('01900000-0000-7000-8000-000000000001', 'upgrade', 'k-dead', 'Dead', '{\"old\": true}', '{}', 'outbox.event.upgrade', 29, 'refused', now())");
+    assert!(pg.status("pending_bytes").parse::<i64>().unwrap() > 0);
+    pg.sql("ALTER EXTENSION outbox_ext UPDATE");
+    assert_ne!(pg.sql("SELECT extversion FROM pg_extension WHERE extname = 'outbox_ext'"), PREVIOUS_RELEASE);
+    pg.pg_ctl_stop("fast");
+    pg.pg_ctl_start();
+
+    // What waited arrives; the new functions and the old dead letter work.
+    pg.set("outbox.bootstrap_servers", &kafka.bootstrap);
+    pg.wait_for_state("streaming", DEADLINE);
+    let tombstone = pg.sql("SELECT outbox.emit_tombstone('upgrade', 'k0', 'Deleted')");
+    emitted.commit(tombstone.clone(), "k0");
+    assert_eq!(pg.sql("SELECT outbox.redeliver('01900000-0000-7000-8000-000000000001')"), "t");
+    emitted.commit("01900000-0000-7000-8000-000000000001", "k-dead");
+    let mut c = Collector::new(&kafka.bootstrap, &[(topic, 3)]);
+    c.until_all(&emitted, DEADLINE);
+    check(&emitted, &c.records).assert_ok("ALTER EXTENSION UPDATE from 0.2.0 with 200 events pending", 0);
+    assert_eq!(c.with_id(&tombstone)[0].raw_value, None);
+    assert_eq!(c.with_id("01900000-0000-7000-8000-000000000001")[0].json(), serde_json::json!({"old": true}));
+
+    pg.sql("CREATE DATABASE fresh");
+    let fresh = PgCluster::attach(&pg, "fresh");
+    fresh.sql("CREATE EXTENSION outbox_ext");
+    let (upgraded, installed) = (schema_of(&pg), schema_of(&fresh));
+    assert!(installed.contains("emit_tombstone"), "{installed}");
     assert_eq!(upgraded, installed, "the upgraded schema differs from a fresh installation");
 }

@@ -72,7 +72,7 @@ pub fn check(emitted: &Emitted, records: &[Record]) -> Report {
     let mut ordered: Vec<&Record> = records.iter().collect();
     ordered.sort_by_key(|r| (r.topic.clone(), r.partition, r.offset));
     for r in ordered {
-        let Some(id) = r.header("id") else {
+        let Some(id) = r.event_id() else {
             report.phantom += 1;
             continue;
         };
@@ -108,6 +108,7 @@ mod tests {
             offset,
             key: Some(key.into()),
             value: None,
+            raw_value: None,
             headers: vec![("id".into(), id.into())],
             timestamp_ms: None,
         }

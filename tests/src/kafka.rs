@@ -58,6 +58,8 @@ pub struct Record {
     pub offset: i64,
     pub key: Option<String>,
     pub value: Option<String>,
+    /// The value's bytes as they are (None: a null value, a tombstone).
+    pub raw_value: Option<Vec<u8>>,
     pub headers: Vec<(String, String)>,
     pub timestamp_ms: Option<i64>,
 }
@@ -65,6 +67,11 @@ pub struct Record {
 impl Record {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The event id, in either record format (`id`, or CloudEvents' `ce_id`).
+    pub fn event_id(&self) -> Option<&str> {
+        self.header("id").or(self.header("ce_id"))
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -123,6 +130,7 @@ impl Collector {
                 offset: m.offset(),
                 key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                 value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
+                raw_value: m.payload().map(<[u8]>::to_vec),
                 headers,
                 timestamp_ms: m.timestamp().to_millis(),
             });
@@ -169,7 +177,7 @@ impl Collector {
         let mut scanned = 0;
         self.until(&format!("{} committed events", want.len()), timeout, |records| {
             for r in &records[scanned..] {
-                if let Some(id) = r.header("id") {
+                if let Some(id) = r.event_id() {
                     if want.contains(id) {
                         seen.insert(id.to_string());
                     }
@@ -212,6 +220,6 @@ impl Collector {
 
     /// Records whose `id` header equals `id`.
     pub fn with_id(&self, id: &str) -> Vec<&Record> {
-        self.records.iter().filter(|r| r.header("id") == Some(id)).collect()
+        self.records.iter().filter(|r| r.event_id() == Some(id)).collect()
     }
 }

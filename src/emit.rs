@@ -8,7 +8,7 @@ use crate::error::{raise, OrRaise};
 use crate::ffi::{self, JsonbText, SlotCheck};
 use crate::{gucs, readiness, record_key};
 use outbox_core::event::{self, EmitArgs, EmitLimits, PayloadArg, TraceSettings};
-use outbox_core::routing;
+use outbox_core::routing::{self, RecordFormat};
 use outbox_core::uuid7::Uuid7Generator;
 use outbox_core::OutboxError;
 use pgrx::prelude::*;
@@ -107,11 +107,16 @@ fn emit_traced(
 pub fn write_event(args: EmitArgs<'_>, id: Option<[u8; 16]>, installation: u32) -> pgrx::Uuid {
     readiness::check_ready().or_raise();
     let topic_template = database_template(gucs::topic_template());
-    let cloudevents_source = database_template(gucs::cloudevents_source_template());
+    let record_format = gucs::record_format();
+    let cloudevents_source = match record_format {
+        RecordFormat::Plain => String::new(),
+        RecordFormat::CloudEvents => database_template(gucs::cloudevents_source_template()),
+    };
     let limits = EmitLimits {
         max_payload_bytes: gucs::max_payload_bytes(),
         max_record_bytes: gucs::max_record_bytes(),
         topic_template: &topic_template,
+        record_format,
         cloudevents_source: &cloudevents_source,
     };
     let event = event::validate(args, limits).or_raise();

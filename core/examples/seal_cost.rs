@@ -24,6 +24,7 @@ fn main() {
         max_payload_bytes: 1_000_000,
         max_record_bytes: 1_000_000,
         topic_template: "outbox.event.{aggregatetype}",
+        record_format: outbox_core::routing::RecordFormat::Plain,
         cloudevents_source: "/outbox_ext/bench",
     };
     let ev = event::validate(args, limits).unwrap();

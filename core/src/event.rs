@@ -26,7 +26,7 @@
 
 use crate::auth::{RecordKey, TAG_LEN};
 use crate::error::OutboxError;
-use crate::routing::{self, Envelope, PositionText};
+use crate::routing::{self, Envelope, PositionText, RecordFormat};
 use crate::trace_context::{self, TRACEPARENT, TRACESTATE};
 
 /// The logical-decoding message prefix that marks outbox_ext events in WAL.
@@ -140,11 +140,13 @@ pub struct EmitArgs<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct EmitLimits<'a> {
     pub max_payload_bytes: usize,
-    /// The largest Kafka record (key, value and headers as the relay sends them, sized as
-    /// librdkafka sizes them against `message.max.bytes`), in either record format.
+    /// The largest Kafka record (key, value and headers as the relay sends them in
+    /// `record_format`, sized as librdkafka sizes them against `message.max.bytes`).
     pub max_record_bytes: usize,
     pub topic_template: &'a str,
-    /// `outbox.cloudevents_source` for this database: the record size counts its `ce_source`.
+    /// `outbox.record_format`: the record that is sized.
+    pub record_format: RecordFormat,
+    /// `outbox.cloudevents_source` for this database: a `cloudevents` record carries it.
     pub cloudevents_source: &'a str,
 }
 
@@ -274,9 +276,9 @@ pub fn check_content_type(content_type: &str) -> Result<(), OutboxError> {
     }
 }
 
-/// The record the relay will make of `event` (see `routing::record_headers`) must fit
-/// `max_record_bytes` in either record format, so that neither librdkafka nor the broker ever
-/// refuses it for its size, whatever `outbox.record_format` is when it is relayed.
+/// The record the relay will make of `event` (see `routing::record_headers`) in the record
+/// format in force must fit `max_record_bytes`, so that neither librdkafka nor the broker
+/// refuses it for its size.
 fn check_record_size(event: &ValidEvent<'_>, limits: EmitLimits<'_>) -> Result<(), OutboxError> {
     // The id header is the hyphenated UUID: 36 characters, whatever the id. The position is
     // not known before commit: counted at its longest, so the relay can always send the record.
@@ -293,14 +295,12 @@ fn check_record_size(event: &ValidEvent<'_>, limits: EmitLimits<'_>) -> Result<(
         headers,
     };
     let time = crate::time::Rfc3339Micros::new(0);
-    let size = [Envelope::Plain, Envelope::CloudEvents { source: limits.cloudevents_source, time }]
-        .iter()
-        .map(|envelope| {
-            let headers = routing::record_headers(&record, ID_TEXT, &position, envelope);
-            routing::record_size(event.aggregateid, event.value.len(), headers)
-        })
-        .max()
-        .unwrap_or(0);
+    let envelope = match limits.record_format {
+        RecordFormat::Plain => Envelope::Plain,
+        RecordFormat::CloudEvents => Envelope::CloudEvents { source: limits.cloudevents_source, time },
+    };
+    let headers = routing::record_headers(&record, ID_TEXT, &position, &envelope);
+    let size = routing::record_size(event.aggregateid, event.value.len(), headers);
     if size > limits.max_record_bytes {
         let (key, value) = (event.aggregateid.len(), event.value.len());
         return Err(OutboxError::RecordTooLarge {
@@ -574,8 +574,12 @@ mod tests {
         max_payload_bytes: 1000,
         max_record_bytes: 1_000_000,
         topic_template: "outbox.event.{aggregatetype}",
+        record_format: RecordFormat::Plain,
         cloudevents_source: "/outbox_ext/test",
     };
+
+    /// The same, in the cloudevents record format.
+    const CLOUDEVENTS: EmitLimits<'static> = EmitLimits { record_format: RecordFormat::CloudEvents, ..LIMITS };
 
     const TRACEPARENT_A: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     const TRACEPARENT_B: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
@@ -778,55 +782,76 @@ mod tests {
     /// The record of `args()` in `plain`: 36 of overhead, key "o-1" (3), value `{"a": 1}` (8),
     /// headers id (1 + 2 + 1 + 36), type (1 + 4 + 1 + 12), aggregatetype (1 + 13 + 1 + 5), and
     /// the position at its longest: commit_lsn (1 + 10 + 1 + 20) and commit_index (1 + 12 + 1 + 20).
-    const PLAIN_RECORD: usize = 36 + 3 + 8 + 40 + 18 + 20 + 32 + 34;
-    /// The same in `cloudevents`, which is larger: ce_specversion (1 + 14 + 1 + 3), ce_id
-    /// (1 + 5 + 1 + 36), ce_source (1 + 9 + 1 + 16), ce_type (1 + 7 + 1 + 12), ce_subject
-    /// (1 + 10 + 1 + 3), ce_time (1 + 7 + 1 + 27), content-type (1 + 12 + 1 + 16),
-    /// ce_aggregatetype (1 + 16 + 1 + 5), ce_commitlsn (1 + 12 + 1 + 20), ce_commitindex (1 + 14 + 1 + 20).
-    const ARGS_RECORD: usize = 36 + 3 + 8 + 19 + 43 + 27 + 21 + 15 + 36 + 30 + 23 + 34 + 36;
+    const ARGS_RECORD: usize = 36 + 3 + 8 + 40 + 18 + 20 + 32 + 34;
+    /// The same in `cloudevents`: ce_specversion (1 + 14 + 1 + 3), ce_id (1 + 5 + 1 + 36),
+    /// ce_source (1 + 9 + 1 + 16), ce_type (1 + 7 + 1 + 12), ce_subject (1 + 10 + 1 + 3), ce_time
+    /// (1 + 7 + 1 + 27), content-type (1 + 12 + 1 + 16), ce_aggregatetype (1 + 16 + 1 + 5),
+    /// ce_commitlsn (1 + 12 + 1 + 20), ce_commitindex (1 + 14 + 1 + 20).
+    const CE_RECORD: usize = 36 + 3 + 8 + 19 + 43 + 27 + 21 + 15 + 36 + 30 + 23 + 34 + 36;
 
     #[test]
     fn every_part_of_the_record_counts_against_max_record_bytes() {
-        assert!(ARGS_RECORD > PLAIN_RECORD);
         let at = |max| EmitLimits { max_record_bytes: max, ..LIMITS };
         assert!(validate(args(), at(ARGS_RECORD)).is_ok());
         let e = validate(args(), at(ARGS_RECORD - 1)).unwrap_err();
         assert_eq!(
             e,
-            OutboxError::RecordTooLarge { size: ARGS_RECORD, max: ARGS_RECORD - 1, key: 3, value: 8, headers: 284 }
+            OutboxError::RecordTooLarge { size: ARGS_RECORD, max: ARGS_RECORD - 1, key: 3, value: 8, headers: 144 }
         );
         assert_eq!(e.sqlstate().code(), "54000");
         assert!(e.hint().is_some());
-        // One more byte in any part: key (twice in cloudevents: also ce_subject), value, type,
-        // aggregatetype, a header name or value, the source; and the trace context.
+        // One more byte in any part: key, value, type, aggregatetype, a header name or value;
+        // and the trace context of the settings.
         let header = r#"{"k": "v"}"#;
         let with_header = ARGS_RECORD + 1 + 1 + 1 + 1;
         let traced = TraceSettings { traceparent: Some(TRACEPARENT_A), tracestate: Some("k=v") };
-        // traceparent and ce_traceparent (1 + 11 + 1 + 55, 1 + 14 + 1 + 55), tracestate and
-        // ce_tracestate (1 + 10 + 1 + 3, 1 + 13 + 1 + 3).
-        let with_trace = ARGS_RECORD + 68 + 71 + 15 + 18;
-        let source = EmitLimits { cloudevents_source: "/outbox_ext/tests", ..LIMITS };
+        // traceparent (1 + 11 + 1 + 55), tracestate (1 + 10 + 1 + 3).
+        let with_trace = ARGS_RECORD + 68 + 15;
+        for (part, a, size) in [
+            ("key", EmitArgs { aggregateid: Some("o-12"), ..args() }, ARGS_RECORD + 1),
+            ("value", EmitArgs { payload: PayloadArg::Json(Some(r#"{"a": 12}"#)), ..args() }, ARGS_RECORD + 1),
+            ("type", EmitArgs { event_type: Some("OrderCreatedX"), ..args() }, ARGS_RECORD + 1),
+            ("aggregatetype", EmitArgs { aggregatetype: Some("orders"), ..args() }, ARGS_RECORD + 1),
+            ("headers", EmitArgs { headers: Some(header), ..args() }, with_header),
+            ("trace context", EmitArgs { trace: traced, ..args() }, with_trace),
+        ] {
+            assert!(validate(a, at(size)).is_ok(), "{part} at the limit");
+            let e = validate(a, at(size - 1)).unwrap_err();
+            assert!(matches!(e, OutboxError::RecordTooLarge { .. }), "{part} one byte over: {e:?}");
+        }
+        // A tombstone has no value; bytes have their content-type: 3 bytes typed a/b are value
+        // 3 and content-type (1 + 12 + 1 + 3).
+        let tombstone = ARGS_RECORD - 8;
+        assert!(validate(EmitArgs { payload: PayloadArg::Tombstone, ..args() }, at(tombstone)).is_ok());
+        assert!(validate(EmitArgs { payload: PayloadArg::Tombstone, ..args() }, at(tombstone - 1)).is_err());
+        let binary = ARGS_RECORD - 8 + 3 + 17;
+        assert!(validate(EmitArgs { payload: bytes(b"abc", "a/b"), ..args() }, at(binary)).is_ok());
+        assert!(validate(EmitArgs { payload: bytes(b"abc", "a/b"), ..args() }, at(binary - 1)).is_err());
+    }
+
+    #[test]
+    fn a_cloudevents_record_counts_its_own_headers() {
+        let at = |max| EmitLimits { max_record_bytes: max, ..CLOUDEVENTS };
+        assert!(validate(args(), at(CE_RECORD)).is_ok());
+        let e = validate(args(), at(CE_RECORD - 1)).unwrap_err();
+        assert_eq!(e, OutboxError::RecordTooLarge { size: CE_RECORD, max: CE_RECORD - 1, key: 3, value: 8, headers: 284 });
+        // The key counts twice (also ce_subject), the source, and the trace context twice
+        // (ce_traceparent: 1 + 14 + 1 + 55; ce_tracestate: 1 + 13 + 1 + 3).
+        let traced = TraceSettings { traceparent: Some(TRACEPARENT_A), tracestate: Some("k=v") };
+        let source = EmitLimits { cloudevents_source: "/outbox_ext/tests", ..CLOUDEVENTS };
         for (part, a, limits, size) in [
-            ("key", EmitArgs { aggregateid: Some("o-12"), ..args() }, LIMITS, ARGS_RECORD + 2),
-            ("value", EmitArgs { payload: PayloadArg::Json(Some(r#"{"a": 12}"#)), ..args() }, LIMITS, ARGS_RECORD + 1),
-            ("type", EmitArgs { event_type: Some("OrderCreatedX"), ..args() }, LIMITS, ARGS_RECORD + 1),
-            ("aggregatetype", EmitArgs { aggregatetype: Some("orders"), ..args() }, LIMITS, ARGS_RECORD + 1),
-            ("headers", EmitArgs { headers: Some(header), ..args() }, LIMITS, with_header),
-            ("source", args(), source, ARGS_RECORD + 1),
-            ("trace context", EmitArgs { trace: traced, ..args() }, LIMITS, with_trace),
+            ("key", EmitArgs { aggregateid: Some("o-12"), ..args() }, CLOUDEVENTS, CE_RECORD + 2),
+            ("source", args(), source, CE_RECORD + 1),
+            ("trace context", EmitArgs { trace: traced, ..args() }, CLOUDEVENTS, CE_RECORD + 68 + 15 + 71 + 18),
         ] {
             assert!(validate(a, EmitLimits { max_record_bytes: size, ..limits }).is_ok(), "{part} at the limit");
             let e = validate(a, EmitLimits { max_record_bytes: size - 1, ..limits }).unwrap_err();
             assert!(matches!(e, OutboxError::RecordTooLarge { .. }), "{part} one byte over: {e:?}");
         }
-        // A tombstone has no value, and no content-type in either format; bytes have theirs.
-        let tombstone = ARGS_RECORD - 8 - 30;
+        // A tombstone has no content-type (it has no data): value 8 and 30 less.
+        let tombstone = CE_RECORD - 8 - 30;
         assert!(validate(EmitArgs { payload: PayloadArg::Tombstone, ..args() }, at(tombstone)).is_ok());
         assert!(validate(EmitArgs { payload: PayloadArg::Tombstone, ..args() }, at(tombstone - 1)).is_err());
-        // 3 bytes typed a/b: value 3, content-type (1 + 12 + 1 + 3) in both formats.
-        let binary = ARGS_RECORD - 8 - 30 + 3 + 17;
-        assert!(validate(EmitArgs { payload: bytes(b"abc", "a/b"), ..args() }, at(binary)).is_ok());
-        assert!(validate(EmitArgs { payload: bytes(b"abc", "a/b"), ..args() }, at(binary - 1)).is_err());
     }
 
     #[test]

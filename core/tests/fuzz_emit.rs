@@ -812,6 +812,7 @@ impl Emit {
             max_payload_bytes: self.max_payload_bytes(),
             max_record_bytes: usize::MAX,
             topic_template: template,
+            record_format: routing::RecordFormat::Plain,
             cloudevents_source: "/outbox_ext/db",
         };
         let args = EmitArgs {
@@ -1350,7 +1351,7 @@ fn every_character_follows_the_topic_rule() {
             let template = format!("{prefix}{PLACEHOLDER}");
             let topic = format!("{prefix}{aggregatetype}");
             let limits =
-                EmitLimits { max_payload_bytes: 100, max_record_bytes: usize::MAX, topic_template: &template, cloudevents_source: "/s" };
+                EmitLimits { max_payload_bytes: 100, max_record_bytes: usize::MAX, topic_template: &template, record_format: routing::RecordFormat::Plain, cloudevents_source: "/s" };
             let args = EmitArgs {
                 aggregatetype: Some(&aggregatetype),
                 aggregateid: Some("id"),
@@ -1430,7 +1431,7 @@ proptest! {
             ("commit_index", "18446744073709551615"),
         ];
         plain.extend(own.iter().copied());
-        // The routing.rs table, `cloudevents`: the limit holds in either format.
+        // The routing.rs table, `cloudevents`.
         let mut cloudevents = vec![
             ("ce_specversion", "1.0"),
             ("ce_id", "01234567-89ab-7cde-8f01-23456789abcd"),
@@ -1444,7 +1445,10 @@ proptest! {
             ("ce_commitindex", "18446744073709551615"),
         ];
         cloudevents.extend(own.iter().copied());
-        let size = oracle_record_size(&aggregateid, &payload, &plain).max(oracle_record_size(&aggregateid, &payload, &cloudevents));
+        let sizes = [
+            (routing::RecordFormat::Plain, oracle_record_size(&aggregateid, &payload, &plain)),
+            (routing::RecordFormat::CloudEvents, oracle_record_size(&aggregateid, &payload, &cloudevents)),
+        ];
         let args = EmitArgs {
             aggregatetype: Some(&aggregatetype),
             aggregateid: Some(&aggregateid),
@@ -1453,21 +1457,24 @@ proptest! {
             headers: Some(&headers_text),
             trace: Default::default(),
         };
-        let limits = |max| EmitLimits {
-            max_payload_bytes: usize::MAX,
-            max_record_bytes: max,
-            topic_template: "outbox.event.{aggregatetype}",
-            cloudevents_source: "/outbox_ext/fuzz",
-        };
-        prop_assert!(validate(args, limits(size)).is_ok(), "refused at the limit ({} bytes)", size);
-        match validate(args, limits(size - 1)) {
-            Err(e @ OutboxError::RecordTooLarge { .. }) => {
-                prop_assert_eq!(e.sqlstate().code(), "54000");
-                let OutboxError::RecordTooLarge { size: reported, key, value, headers: h, .. } = e else { unreachable!() };
-                prop_assert_eq!(reported, size);
-                prop_assert_eq!(36 + key + value + h, size);
+        for (record_format, size) in sizes {
+            let limits = |max| EmitLimits {
+                max_payload_bytes: usize::MAX,
+                max_record_bytes: max,
+                topic_template: "outbox.event.{aggregatetype}",
+                record_format,
+                cloudevents_source: "/outbox_ext/fuzz",
+            };
+            prop_assert!(validate(args, limits(size)).is_ok(), "refused at the limit ({} bytes, {:?})", size, record_format);
+            match validate(args, limits(size - 1)) {
+                Err(e @ OutboxError::RecordTooLarge { .. }) => {
+                    prop_assert_eq!(e.sqlstate().code(), "54000");
+                    let OutboxError::RecordTooLarge { size: reported, key, value, headers: h, .. } = e else { unreachable!() };
+                    prop_assert_eq!(reported, size);
+                    prop_assert_eq!(36 + key + value + h, size);
+                }
+                other => return Err(TestCaseError::fail(format!("one byte over the limit gave {other:?}"))),
             }
-            other => return Err(TestCaseError::fail(format!("one byte over the limit gave {other:?}"))),
         }
     }
 }

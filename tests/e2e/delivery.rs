@@ -18,7 +18,7 @@ fn record_has_topic_key_value_headers_and_commit_timestamp() {
     let id = pg.sql(
         "SELECT outbox.emit('order', 'o-42', 'OrderCreated', \
          '{\"amount\": 42.5, \"lines\": [{\"sku\": \"A-1\"}], \"note\": \"é ü\"}', \
-         '{\"traceparent\": \"00-abc-01\", \"tenant\": \"acme\"}')",
+         '{\"traceparent\": \"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\", \"tenant\": \"acme\"}')",
     );
     let after_ms: i64 = pg.sql("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint").parse().unwrap();
 
@@ -38,7 +38,7 @@ fn record_has_topic_key_value_headers_and_commit_timestamp() {
     assert_eq!(r.header("id"), Some(id.as_str()));
     assert_eq!(r.header("type"), Some("OrderCreated"));
     assert_eq!(r.header("aggregatetype"), Some("order"));
-    assert_eq!(r.header("traceparent"), Some("00-abc-01"));
+    assert_eq!(r.header("traceparent"), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
     assert_eq!(r.header("tenant"), Some("acme"));
     // The id is a UUIDv7.
     assert_eq!(&id[14..15], "7", "{id}");

@@ -23,6 +23,7 @@ fn record(id: [u8; 16], aggregatetype: &str, aggregateid: &str, event_type: &str
         max_payload_bytes: usize::MAX,
         max_record_bytes: usize::MAX,
         topic_template: "outbox.event.{aggregatetype}",
+        record_format: outbox_core::routing::RecordFormat::Plain,
         cloudevents_source: "/outbox_ext/postgres",
     };
     event::encode(&id, &event::validate(args, limits).unwrap())

@@ -97,6 +97,11 @@ impl<'a> Value<'a> {
         }
     }
 
+    /// Whether the value is bytes from `emit_binary` rather than JSON text.
+    pub fn is_binary(&self) -> bool {
+        matches!(self, Value::Bytes { .. })
+    }
+
     /// The value's length in bytes (0 for a tombstone).
     pub fn len(&self) -> usize {
         self.bytes().map_or(0, <[u8]>::len)

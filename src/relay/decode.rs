@@ -12,9 +12,9 @@ use outbox_core::dead_letter::{self as dl, DeadLetter, OnPermanentError, Record,
 use outbox_core::event::{self, EventRef};
 use outbox_core::routing::{self, Envelope, Position, PositionText};
 use outbox_core::time::Rfc3339Micros;
-use std::rc::Rc;
 use outbox_core::tracker::{DeliveryTracker, Progress};
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// No acknowledgement for this long while events are in flight counts as Kafka unavailable.
@@ -464,7 +464,7 @@ impl EventRouter {
             }
         }
         loop {
-            let (value, binary) = (ev.value.bytes(), matches!(ev.value, event::Value::Bytes { .. }));
+            let (value, binary) = (ev.value.bytes(), ev.value.is_binary());
             match self.producer.send(&topic, partition, ev.aggregateid, value, binary, &headers, timestamp, seq, false) {
                 Ok(()) => return,
                 Err(Ok(QueueFull)) => {

@@ -182,11 +182,12 @@ pub fn is_permanent(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-/// The event id a record carries in its `id` header, if any.
+/// The event id a record carries in its `id` (or, in the cloudevents format, `ce_id`) header.
 fn event_id<M: Message>(message: &M) -> Option<String> {
     use rdkafka::message::Headers;
     let headers = message.headers()?;
-    headers.iter().find(|h| h.key == "id").and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+    let id = headers.iter().find(|h| outbox_core::routing::is_id_header(h.key))?;
+    id.value.map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// Why a producer could not be made.

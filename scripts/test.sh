@@ -2,13 +2,15 @@
 # `make test`: every suite on every supported PostgreSQL (PG=NN for one version). Prints the
 # counts per version, then one line: "N passed, M failed".
 #
-#   1. outbox_core unit tests (pure Rust, no Postgres), once
+#   1. outbox_core unit tests (pure Rust, no Postgres), once; and the monitoring files' checks
+#      (scripts/monitoring-check.sh: promtool, the Grafana dashboard's structure), once
 #   2. per version, cargo pgrx test pgNN: emit's validation and settings in a preloaded server
 #   3. per version, integration tests: scratch clusters of that version + librdkafka mock Kafka
 #      clusters. Every version runs delivery, transactions, lifecycle, recovery (worker kills,
 #      pg_ctl stop -m immediate), setup, upgrade and record_formats (with the CloudEvents SDK that
 #      install-deps.sh puts in ~/.cache/outbox_ext/python); the long fault suites (faults, wal_safety)
-#      run on the newest version only, to keep CI within its time (E2E_FULL=1: on every version).
+#      and monitoring (Debian's postgres_exporter and Prometheus against the relays) run on the
+#      newest version only, to keep CI within its time (E2E_FULL=1: on every version).
 #   4. with PACKAGE_TEST=1 (as .ci/run does, as root): builds the PostgreSQL 15 package, installs
 #      it with dpkg into the system's PostgreSQL 15 in place of the cargo build, and runs the
 #      emit → Kafka record test against that installation; then removes the package.
@@ -20,7 +22,7 @@ requested=${PG_VERSIONS:-${PG:-}}   # before common.sh, which selects PG=15 by d
 read -r -a VERSIONS <<<"${requested:-${SUPPORTED_PG_VERSIONS[*]}}"
 NEWEST=${SUPPORTED_PG_VERSIONS[-1]}
 E2E_EVERY_VERSION=(delivery transactions lifecycle recovery setup upgrade forgery dead_letters failover databases launcher record_formats)
-E2E_NEWEST_ONLY=(faults wal_safety)
+E2E_NEWEST_ONLY=(faults wal_safety monitoring)
 
 logdir=$(mktemp -d)
 failed_suites=()
@@ -44,6 +46,7 @@ for v in "${VERSIONS[@]}"; do
 done
 
 run core cargo test -p outbox_core
+run monitoring bash scripts/monitoring-check.sh
 
 for v in "${VERSIONS[@]}"; do
     use_pg "$v"
@@ -95,6 +98,8 @@ echo
 echo "==> results"
 read -r p f < <(counts "$logdir/core.log")
 printf '%-16s %4d passed, %d failed\n' "core" "$p" "$f"
+read -r p f < <(counts "$logdir/monitoring.log")
+printf '%-16s %4d passed, %d failed (promtool check and test rules, the dashboard)\n' "monitoring" "$p" "$f"
 for v in "${VERSIONS[@]}"; do
     read -r tp tf < <(counts "$logdir/pg$v-pg_test.log")
     read -r ep ef < <(counts "$logdir/pg$v-e2e.log")

@@ -3,7 +3,10 @@
 --
 -- * emit_binary() and emit_tombstone(): records with a bytes value or none;
 -- * dead_letter keeps either kind: payload may be NULL, payload_binary and content_type are new;
---   _redeliver_event() takes them, and redeliver() and redeliver_all() pass them on.
+--   _redeliver_event() takes them, and redeliver() and redeliver_all() pass them on;
+-- * relays() (over _relays()) gains rejected_records, dead_lettered, acked_transactions and
+--   ack_latency_sum_ms, and ack_latency() takes a database (this one by default), so that one
+--   connection can export every relay's figures (monitoring/postgres_exporter.yml).
 --
 -- The 0.3.0 library relays what 0.2.0 wrote (format 2) and runs with 0.2.0's SQL until this
 -- has run; only the new functions need it.
@@ -101,3 +104,75 @@ $$;
 REVOKE ALL ON FUNCTION redeliver_all() FROM PUBLIC;
 COMMENT ON FUNCTION redeliver_all() IS
     'Sends every dead-lettered event again, in commit order, in the current transaction, and empties outbox.dead_letter; returns how many.';
+
+DROP FUNCTION relays();
+DROP FUNCTION _relays();
+CREATE FUNCTION "_relays"() RETURNS TABLE (
+	"database" TEXT,
+	"worker_pid" INT,
+	"state" TEXT,
+	"slot_name" TEXT,
+	"events_delivered" bigint,
+	"rejected_records" bigint,
+	"dead_lettered" bigint,
+	"last_error" TEXT,
+	"last_delivery_at" timestamp with time zone,
+	"acked_transactions" bigint,
+	"ack_latency_sum_us" bigint
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'relays_table_wrapper';
+
+CREATE FUNCTION relays(
+    OUT database name,
+    OUT pid int,
+    OUT state text,
+    OUT slot name,
+    OUT confirmed_lsn pg_lsn,
+    OUT pending_bytes bigint,
+    OUT events_delivered bigint,
+    OUT last_error text,
+    OUT last_delivery_at timestamptz,
+    OUT rejected_records bigint,
+    OUT dead_lettered bigint,
+    OUT acked_transactions bigint,
+    OUT ack_latency_sum_ms double precision)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r.database::name,
+           r.worker_pid,
+           r.state,
+           r.slot_name::name,
+           s.confirmed_flush_lsn,
+           CASE WHEN s.confirmed_flush_lsn IS NOT NULL AND NOT pg_is_in_recovery()
+                THEN greatest(pg_wal_lsn_diff(pg_current_wal_flush_lsn(), s.confirmed_flush_lsn), 0)::bigint
+           END,
+           r.events_delivered,
+           r.last_error,
+           r.last_delivery_at,
+           r.rejected_records,
+           r.dead_lettered,
+           r.acked_transactions,
+           (r.ack_latency_sum_us / 1000.0)::float8
+    FROM @extschema@._relays() r
+    LEFT JOIN pg_replication_slots s ON s.slot_name = r.slot_name
+    ORDER BY r.database
+$$;
+COMMENT ON FUNCTION relays() IS
+    'Every relay of the cluster, one per database with the extension (and, briefly, per database the launcher is looking at): its worker, state, slot, position, WAL not yet relayed, deliveries, last error, skipped and set-aside events, and its acknowledged transactions with the sum of their commit → acknowledgement latencies (what monitoring/postgres_exporter.yml exports).';
+
+DROP FUNCTION ack_latency();
+CREATE FUNCTION "ack_latency"(
+	"database" TEXT DEFAULT current_database()
+) RETURNS TABLE (
+	"le_ms" double precision,
+	"transactions" bigint
+)
+STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'ack_latency_of_wrapper';
+COMMENT ON FUNCTION @extschema@.ack_latency(text) IS
+    'Cumulative histogram of commit → Kafka acknowledgement latency per transaction of the relay of a database (this one by default) since the server started: transactions with latency <= le_ms.';

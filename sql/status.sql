@@ -52,7 +52,11 @@ CREATE FUNCTION relays(
     OUT pending_bytes bigint,
     OUT events_delivered bigint,
     OUT last_error text,
-    OUT last_delivery_at timestamptz)
+    OUT last_delivery_at timestamptz,
+    OUT rejected_records bigint,
+    OUT dead_lettered bigint,
+    OUT acked_transactions bigint,
+    OUT ack_latency_sum_ms double precision)
 RETURNS SETOF record
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -67,16 +71,20 @@ AS $$
            END,
            r.events_delivered,
            r.last_error,
-           r.last_delivery_at
+           r.last_delivery_at,
+           r.rejected_records,
+           r.dead_lettered,
+           r.acked_transactions,
+           (r.ack_latency_sum_us / 1000.0)::float8
     FROM @extschema@._relays() r
     LEFT JOIN pg_replication_slots s ON s.slot_name = r.slot_name
     ORDER BY r.database
 $$;
 COMMENT ON FUNCTION relays() IS
-    'Every relay of the cluster, one per database with the extension (and, briefly, per database the launcher is looking at): its worker, state, slot, position, WAL not yet relayed, deliveries and last error.';
+    'Every relay of the cluster, one per database with the extension (and, briefly, per database the launcher is looking at): its worker, state, slot, position, WAL not yet relayed, deliveries, last error, skipped and set-aside events, and its acknowledged transactions with the sum of their commit → acknowledgement latencies (what monitoring/postgres_exporter.yml exports).';
 
-COMMENT ON FUNCTION @extschema@.ack_latency() IS
-    'Cumulative histogram of commit → Kafka acknowledgement latency per transaction of this database''s relay since the server started: transactions with latency <= le_ms.';
+COMMENT ON FUNCTION @extschema@.ack_latency(text) IS
+    'Cumulative histogram of commit → Kafka acknowledgement latency per transaction of the relay of a database (this one by default) since the server started: transactions with latency <= le_ms.';
 
 REVOKE ALL ON FUNCTION @extschema@.resume() FROM PUBLIC;
 COMMENT ON FUNCTION @extschema@.resume() IS

@@ -219,6 +219,7 @@ impl StatusWriter {
                 for (shared, new) in e.ack_latency.iter_mut().zip(latency.counts()) {
                     *shared += new;
                 }
+                e.ack_latency_sum_us = e.ack_latency_sum_us.saturating_add(latency.sum_us());
             });
             self.ack_latency.clear();
         }
@@ -382,6 +383,51 @@ fn relay_state() -> TableIterator<
 /// The relays' half of `outbox.relays()`: every database's relay, from any database.
 #[pg_extern(name = "_relays", stable, parallel_safe)]
 #[allow(clippy::type_complexity)] // the columns, as pgrx spells them
+fn relays_table() -> TableIterator<
+    'static,
+    (
+        name!(database, String),
+        name!(worker_pid, Option<i32>),
+        name!(state, String),
+        name!(slot_name, Option<String>),
+        name!(events_delivered, i64),
+        name!(rejected_records, i64),
+        name!(dead_lettered, i64),
+        name!(last_error, Option<String>),
+        name!(last_delivery_at, Option<TimestampWithTimeZone>),
+        name!(acked_transactions, i64),
+        name!(ack_latency_sum_us, i64),
+    ),
+> {
+    TableIterator::new(relay_entries().into_iter().map(|e| {
+        let s = Snapshot::of(&e);
+        let acked: u64 = e.ack_latency.iter().sum();
+        (
+            s.database,
+            s.worker_pid,
+            s.state,
+            s.slot_name,
+            s.events_delivered,
+            s.records_rejected,
+            s.events_dead_lettered,
+            s.last_error,
+            s.last_delivery_at,
+            acked as i64,
+            e.ack_latency_sum_us.min(i64::MAX as u64) as i64,
+        )
+    }))
+}
+
+/// Every database's relay entry.
+fn relay_entries() -> Vec<RelayEntry> {
+    crate::error::OrRaise::or_raise(crate::readiness::check_preloaded());
+    RELAYS.share().entries.iter().filter(|e| e.database != 0).copied().collect()
+}
+
+/// 0.2.0's `_relays()`: its SQL, still installed between a package upgrade and `ALTER
+/// EXTENSION outbox_ext UPDATE` (which replaces it), calls this symbol.
+#[pg_extern(name = "_relays", stable, parallel_safe, sql = false)]
+#[allow(clippy::type_complexity)] // the columns, as pgrx spells them
 fn relays_state() -> TableIterator<
     'static,
     (
@@ -394,9 +440,7 @@ fn relays_state() -> TableIterator<
         name!(last_delivery_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    crate::error::OrRaise::or_raise(crate::readiness::check_preloaded());
-    let entries: Vec<RelayEntry> = RELAYS.share().entries.iter().filter(|e| e.database != 0).copied().collect();
-    TableIterator::new(entries.into_iter().map(|e| {
+    TableIterator::new(relay_entries().into_iter().map(|e| {
         let s = Snapshot::of(&e);
         (s.database, s.worker_pid, s.state, s.slot_name, s.events_delivered, s.last_error, s.last_delivery_at)
     }))
@@ -421,14 +465,33 @@ fn relay_status() -> TableIterator<
     TableIterator::once((s.worker_pid, s.state, s.events_delivered, s.last_error, s.last_error_at, s.last_delivery_at))
 }
 
-/// The commit → Kafka acknowledgement latency of every transaction this database's relay
-/// relayed since the server started, as a cumulative histogram: `transactions` is how many
-/// took at most `le_ms`. The last row (`le_ms` = infinity) is the total. A transaction counts
-/// once all its events are acknowledged, including time spent waiting for Kafka and in retries.
+/// The commit → Kafka acknowledgement latency of every transaction the relay of `database`
+/// (this database's by default) relayed since the server started, as a cumulative histogram:
+/// `transactions` is how many took at most `le_ms`. The last row (`le_ms` = infinity) is the
+/// total. A transaction counts once all its events are acknowledged, including time spent
+/// waiting for Kafka and in retries. A database without a relay has every count 0.
 #[pg_extern(name = "ack_latency", stable, parallel_safe)]
+fn ack_latency_of(
+    database: default!(Option<&str>, "current_database()"),
+) -> TableIterator<'static, (name!(le_ms, f64), name!(transactions, i64))> {
+    let counts = match database {
+        None => [0; latency::BUCKETS],
+        Some(name) => relay_entries()
+            .into_iter()
+            .find(|e| e.database_name.as_string() == name)
+            .map_or([0; latency::BUCKETS], |e| e.ack_latency),
+    };
+    cumulative(counts)
+}
+
+/// 0.2.0's `ack_latency()` (this database's relay), for its SQL until the update.
+#[pg_extern(name = "ack_latency", stable, parallel_safe, sql = false)]
 fn ack_latency() -> TableIterator<'static, (name!(le_ms, f64), name!(transactions, i64))> {
     crate::error::OrRaise::or_raise(crate::readiness::check_preloaded());
-    let counts = my_entry().map_or([0; latency::BUCKETS], |e| e.ack_latency);
+    cumulative(my_entry().map_or([0; latency::BUCKETS], |e| e.ack_latency))
+}
+
+fn cumulative(counts: [u64; latency::BUCKETS]) -> TableIterator<'static, (name!(le_ms, f64), name!(transactions, i64))> {
     let mut cumulative = 0u64;
     TableIterator::new((0..latency::BUCKETS).map(move |i| {
         cumulative += counts[i];
@@ -452,5 +515,5 @@ fn resume() -> bool {
 pgrx::extension_sql_file!(
     "../sql/status.sql",
     name = "status_function",
-    requires = [relay_state, relays_state, ack_latency, resume]
+    requires = [relay_state, relays_table, ack_latency_of, resume]
 );

@@ -198,6 +198,17 @@ mod tests {
         // outbox.relays() lists this database's relay among every database's.
         let listed = Spi::get_one::<i64>("SELECT count(*) FROM outbox.relays() WHERE database = current_database()");
         assert_eq!(listed.unwrap(), Some(1));
+        // ack_latency() is this database's relay's histogram; ack_latency(name) any relay's, and
+        // every count 0 for a database without one. relays() has the count and the sum.
+        let own = Spi::get_one::<i64>("SELECT count(*) FROM outbox.ack_latency() a JOIN outbox.ack_latency(current_database()) b USING (le_ms) WHERE a.transactions = b.transactions");
+        assert_eq!(own.unwrap(), Some(outbox_core::latency::BUCKETS as i64));
+        let none = Spi::get_one::<i64>("SELECT max(transactions) FROM outbox.ack_latency('no such database')");
+        assert_eq!(none.unwrap(), Some(0));
+        let counted = Spi::get_one::<bool>(
+            "SELECT acked_transactions = (SELECT max(transactions) FROM outbox.ack_latency()) AND ack_latency_sum_ms >= 0
+             FROM outbox.relays() WHERE database = current_database()",
+        );
+        assert_eq!(counted.unwrap(), Some(true));
     }
 
     /// A row as the relay stores it when the dead-letter topic refused the event too.

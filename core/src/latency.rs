@@ -31,26 +31,35 @@ pub fn bucket_of(us: u64) -> usize {
     lo
 }
 
-/// Counts per bucket (not cumulative).
+/// Counts per bucket (not cumulative), and the sum of every latency recorded (a Prometheus
+/// histogram's `_sum`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LatencyHistogram {
     counts: [u64; BUCKETS],
+    sum_us: u64,
 }
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
-        LatencyHistogram { counts: [0; BUCKETS] }
+        LatencyHistogram { counts: [0; BUCKETS], sum_us: 0 }
     }
 }
 
 impl LatencyHistogram {
     /// Records one latency. A negative one (the clock stepped back) counts as zero.
     pub fn record(&mut self, us: i64) {
-        self.counts[bucket_of(us.max(0) as u64)] += 1;
+        let us = us.max(0) as u64;
+        self.counts[bucket_of(us)] += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
     }
 
     pub fn counts(&self) -> &[u64; BUCKETS] {
         &self.counts
+    }
+
+    /// The sum of every latency recorded, in µs.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us
     }
 
     pub fn total(&self) -> u64 {
@@ -66,10 +75,12 @@ impl LatencyHistogram {
         for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
             *a += b;
         }
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
     }
 
     pub fn clear(&mut self) {
         self.counts = [0; BUCKETS];
+        self.sum_us = 0;
     }
 
     /// The upper bound of the bucket holding quantile `q` (0 < q ≤ 1), in µs. `None` when
@@ -144,7 +155,12 @@ mod tests {
         b.record(1_000);
         b.merge(&a);
         assert_eq!(b.total(), 2);
+        // The sum counts each latency as recorded (the negative one as zero).
+        assert_eq!(b.sum_us(), 1_000);
+        b.record(2_500);
+        assert_eq!(b.sum_us(), 3_500);
         b.clear();
         assert!(b.is_empty());
+        assert_eq!(b.sum_us(), 0);
     }
 }

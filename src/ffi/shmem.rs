@@ -70,6 +70,8 @@ pub struct RelayEntry {
     pub retiring: bool,
     /// Transactions per commit → acknowledgement latency bucket, since the entry was made.
     pub ack_latency: [u64; latency::BUCKETS],
+    /// The sum of those latencies, in µs.
+    pub ack_latency_sum_us: u64,
     /// Messages under the outbox prefix that emit did not write, skipped since the entry was made.
     pub records_rejected: u64,
     /// Events Kafka refused for good that were set aside (dead-letter topic or table).
@@ -95,6 +97,7 @@ impl RelayEntry {
         resume_requests: 0,
         retiring: false,
         ack_latency: [0; latency::BUCKETS],
+        ack_latency_sum_us: 0,
         records_rejected: 0,
         events_dead_lettered: 0,
         guarantee: 0,

@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/outbox_ext/target
 
-.PHONY: demo test install deps bench bench-databases bench-restart bench-profile package
+.PHONY: demo test install deps bench bench-databases bench-restart bench-profile package monitoring-picture
 
 ## Install what is missing, build, and show events flowing from SQL to a local dev broker.
 demo: deps
@@ -35,6 +35,10 @@ bench-restart: deps
 ## Count the writer's instructions per transaction with callgrind (about 2 minutes).
 bench-profile: deps
 	bash scripts/profile.sh
+
+## Draw the Grafana dashboard's queries from 4 minutes of real data with Prometheus in headless Chromium (needs chromium).
+monitoring-picture: deps
+	bash scripts/monitoring-picture.sh
 
 ## Build the .deb and .tar.gz of every version (or PG=NN) into packages/.
 package: deps

@@ -85,20 +85,46 @@ kill -CONT "$BROKER_PID"
 sql billing "SELECT pg_logical_emit_message(true, 'outbox_ext', '\\x01'::bytea)" >/dev/null
 sleep 115
 
-# The dashboard's panels as Prometheus graph panels (g0..g4), over the last 5 minutes.
+# The dashboard's panels, each as a Prometheus graph page over the same 5 minutes, stacked
+# into one picture (Pillow, from PyPI, next to the test suite's Python packages).
+PYDIR=${OUTBOX_PYTHONPATH:-$HOME/.cache/outbox_ext/python}
+PYTHONPATH="$PYDIR" python3 -c 'import PIL' 2>/dev/null ||
+    python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --target "$PYDIR" 'Pillow==11.1.0'
 urlencode() { python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$1"; }
+# The state panel, a state timeline per relay in Grafana, is drawn as the number of relays in
+# each state (Prometheus' graph page has no timeline); the others are the dashboard's queries.
 panels=(
-    'max by (database, state) (outbox_relay_state) == 1'
+    'count by (state) (outbox_relay_state == 1)'
     'sum by (database) (rate(outbox_relay_events_delivered_total[1m]))'
-    'outbox_relay_pending_bytes'
+    'max by (database) (outbox_relay_pending_bytes)'
     'histogram_quantile(0.99, sum by (database, le) (rate(outbox_ack_latency_seconds_bucket[1m])))'
     'sum by (database) (increase(outbox_relay_rejected_records_total[5m]) + increase(outbox_relay_dead_lettered_total[5m]))'
 )
-url="http://127.0.0.1:$PROMETHEUS_PORT/graph?"
+end=$(urlencode "$(date -u '+%Y-%m-%d %H:%M:%S')")
+shots=()
 for i in "${!panels[@]}"; do
-    url+="g$i.expr=$(urlencode "${panels[$i]}")&g$i.tab=0&g$i.range_input=5m&g$i.stacked=0&g$i.show_exemplars=0&"
+    url="http://127.0.0.1:$PROMETHEUS_PORT/graph?g0.expr=$(urlencode "${panels[$i]}")&g0.tab=0&g0.range_input=5m&g0.end_input=$end&g0.stacked=0&g0.show_exemplars=0"
+    "$CHROMIUM" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1200,1000 \
+        --virtual-time-budget=15000 --screenshot="$DIR/panel-$i.png" "$url" 2>/dev/null
+    shots+=("$DIR/panel-$i.png")
 done
 mkdir -p "$(dirname "$OUT")"
-"$CHROMIUM" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,2300 \
-    --virtual-time-budget=20000 --screenshot="$PWD/$OUT" "$url" 2>/dev/null
+PYTHONPATH="$PYDIR" python3 - "$OUT" "${shots[@]}" <<'PY'
+import sys
+from PIL import Image
+out, shots = sys.argv[1], [Image.open(p).convert("RGB") for p in sys.argv[2:]]
+from PIL import ImageChops
+def content(s):
+    """The page below Prometheus' 56-pixel navigation bar, down to its last non-white row."""
+    s = s.crop((0, 56, s.width, s.height))
+    box = ImageChops.difference(s, Image.new("RGB", s.size, "white")).getbbox()
+    return s.crop((0, 0, s.width, min(s.height, (box[3] if box else s.height) + 12)))
+shots = [content(s) for s in shots]
+picture = Image.new("RGB", (max(s.width for s in shots), sum(s.height for s in shots)), "white")
+y = 0
+for s in shots:
+    picture.paste(s, (0, y))
+    y += s.height
+picture.save(out, optimize=True)
+PY
 echo "==> $OUT ($(stat -c %s "$OUT") bytes): the panels of monitoring/grafana-dashboard.json, drawn by Prometheus $(prometheus --version 2>&1 | head -1 | awk '{print $3}')"

@@ -86,17 +86,7 @@ fn redeliver_any_event(
         (None, Some(data)) => PayloadArg::Bytes { data: Some(data), content_type },
         (None, None) => PayloadArg::Tombstone,
     };
-    redeliver(
-        id,
-        EmitArgs {
-            aggregatetype,
-            aggregateid,
-            event_type,
-            payload,
-            headers: headers.as_ref().map(|h| h.0.as_str()),
-            trace: TraceSettings::default(),
-        },
-    )
+    redeliver(id, aggregatetype, aggregateid, event_type, payload, &headers)
 }
 
 /// 0.2.0's `_redeliver_event` (JSON events only): its C symbol stays, because ALTER EXTENSION
@@ -110,20 +100,28 @@ fn redeliver_event(
     payload: Option<JsonbText>,
     headers: Option<JsonbText>,
 ) -> pgrx::Uuid {
-    redeliver(
-        id,
-        EmitArgs {
-            aggregatetype,
-            aggregateid,
-            event_type,
-            payload: PayloadArg::Json(payload.as_ref().map(|p| p.0.as_str())),
-            headers: headers.as_ref().map(|h| h.0.as_str()),
-            trace: TraceSettings::default(),
-        },
-    )
+    let payload = PayloadArg::Json(payload.as_ref().map(|p| p.0.as_str()));
+    redeliver(id, aggregatetype, aggregateid, event_type, payload, &headers)
 }
 
-fn redeliver(id: pgrx::Uuid, args: EmitArgs<'_>) -> pgrx::Uuid {
+/// Writes the event again through emit's path, without the caller's trace context: the event's
+/// own is in its headers.
+fn redeliver(
+    id: pgrx::Uuid,
+    aggregatetype: Option<&str>,
+    aggregateid: Option<&str>,
+    event_type: Option<&str>,
+    payload: PayloadArg<'_>,
+    headers: &Option<JsonbText>,
+) -> pgrx::Uuid {
+    let args = EmitArgs {
+        aggregatetype,
+        aggregateid,
+        event_type,
+        payload,
+        headers: headers.as_ref().map(|h| h.0.as_str()),
+        trace: TraceSettings::default(),
+    };
     let installation = record_key::installation_in_transaction()
         .unwrap_or_else(|| error!("outbox_ext: function outbox.emit does not exist"));
     let id: [u8; 16] = *id.as_bytes();

@@ -227,33 +227,32 @@ fn add_trace_context(headers: &mut Vec<(String, String)>, settings: TraceSetting
         v.filter(|v| !v.is_empty())
     }
     let (setting_parent, setting_state) = (set(settings.traceparent), set(settings.tracestate));
-    let invalid = |source: &'static str| move |reason| OutboxError::InvalidTraceContext { source, reason };
-    if let Some(v) = setting_parent {
-        trace_context::check_traceparent(v).map_err(invalid("outbox.traceparent"))?;
-    }
-    if let Some(v) = setting_state {
-        trace_context::check_tracestate(v).map_err(invalid("outbox.tracestate"))?;
-        if setting_parent.is_none() {
-            return Err(invalid("outbox.tracestate")("it is set without outbox.traceparent".into()));
-        }
-    }
+    check_trace_pair(setting_parent, setting_state, ["outbox.traceparent", "outbox.tracestate"])?;
     let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     let (own_parent, own_state) = (header(TRACEPARENT), header(TRACESTATE));
-    if let Some(v) = own_parent {
-        trace_context::check_traceparent(v).map_err(invalid("the traceparent header"))?;
-    }
-    if let Some(v) = own_state {
-        trace_context::check_tracestate(v).map_err(invalid("the tracestate header"))?;
-        if own_parent.is_none() {
-            return Err(invalid("the tracestate header")("it is given without a traceparent header".into()));
-        }
-    }
+    check_trace_pair(own_parent, own_state, ["the traceparent header", "the tracestate header"])?;
     if own_parent.is_none() {
         if let Some(v) = setting_parent {
             headers.push((TRACEPARENT.to_string(), v.to_string()));
             if let Some(state) = setting_state {
                 headers.push((TRACESTATE.to_string(), state.to_string()));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Checks one source's `traceparent` and `tracestate` (`names` say where they come from): each
+/// W3C Trace Context, and no `tracestate` without a `traceparent`.
+fn check_trace_pair(parent: Option<&str>, state: Option<&str>, names: [&'static str; 2]) -> Result<(), OutboxError> {
+    let invalid = |source: &'static str| move |reason| OutboxError::InvalidTraceContext { source, reason };
+    if let Some(v) = parent {
+        trace_context::check_traceparent(v).map_err(invalid(names[0]))?;
+    }
+    if let Some(v) = state {
+        trace_context::check_tracestate(v).map_err(invalid(names[1]))?;
+        if parent.is_none() {
+            return Err(invalid(names[1])(format!("it is given without {}", names[0])));
         }
     }
     Ok(())

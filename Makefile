@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/outbox_ext/target
 
-.PHONY: demo test install deps bench bench-databases bench-restart bench-profile package monitoring-picture
+.PHONY: demo test install deps bench bench-databases bench-restart bench-profile bench-drain-profile package monitoring-picture
 
 ## Install what is missing, build, and show events flowing from SQL to a local dev broker.
 demo: deps
@@ -23,6 +23,10 @@ deps:
 ## Measure writer overhead, drain rate, latency and worker memory (about 9 minutes after the build).
 bench: deps
 	bash scripts/bench.sh
+
+## Only the drain's limits (D, N, K, R), each drain profiled with perf: where each microsecond of an event goes.
+bench-drain-profile: deps
+	BENCH_ONLY=limits BENCH_PERF=1 bash scripts/bench.sh
 
 ## Only the several-databases part of the bench: idle CPU and memory of 10 relays, 4 × 250k vs 1 × 1M drain.
 bench-databases: deps

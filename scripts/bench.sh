@@ -9,6 +9,9 @@
 #   BENCH_ROUNDS    rounds of the writer comparison with the relay paused (default 3)
 #   BENCH_STREAMING_ROUNDS  rounds with the relay streaming (default 1)
 #   BENCH_EVENTS    backlog size for the drain measurement (default 1000000)
+#   BENCH_ONLY=limits  only the drain's limits (section 2: D, N, K, R), for quick iterations
+#   BENCH_PERF=1    profile the relay while it drains (perf record -e cpu-clock, DWARF call
+#                   graphs) and add where each microsecond of an event goes (`make bench-drain-profile`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -17,6 +20,7 @@ SECONDS_PER_RUN=${BENCH_SECONDS:-6}
 ROUNDS=${BENCH_ROUNDS:-3}
 STREAMING_ROUNDS=${BENCH_STREAMING_ROUNDS:-1}
 BACKLOG=${BENCH_EVENTS:-1000000}
+ONLY=${BENCH_ONLY:-}
 SHARED=${SHARED_BENCH:-../shared/bench}
 DIR=${BENCH_DIR:-/tmp/outbox-bench}
 PORT=${BENCH_PORT:-55433}
@@ -86,6 +90,7 @@ writer_round() { # mode [scripts...] (default: all of SCRIPTS)
     done
     set_conf synchronous_commit on
 }
+if [ -z "$ONLY" ]; then
 echo "==> writer overhead: pgbench -c 4 -j 2 -T $SECONDS_PER_RUN, $ROUNDS rounds relay paused, $STREAMING_ROUNDS streaming"
 set_conf outbox.bootstrap_servers ''
 wait_state unconfigured
@@ -94,8 +99,19 @@ writer_round paused
 set_conf outbox.bootstrap_servers "$BOOTSTRAP"
 wait_state streaming
 writer_round streaming
+fi
 
-# ---------------------------------------------------------------- 2. drain rate and its ceiling
+# ---------------------------------------------------------------- 2. the drain and its limits
+# Four figures on the same kind of backlog (BACKLOG events of ~200 bytes over 1000 keys, in
+# transactions of 50,000, emitted with the relay unconfigured and then released):
+#   R  the relay's drain to the dev broker, as released;
+#   K  the producer's ceiling: R's records read back (the newest the dev broker keeps) and produced
+#      again, byte for byte and cycled to BACKLOG, with
+#      the relay's producer settings by a standalone process (outbox-producer-limit);
+#   N  the relay's ceiling: the same worker with each record acknowledged at once instead of
+#      produced (outbox.bench_sink = instant, feature bench_sinks);
+#   D  the decode floor: the same worker dropping each message unopened (bench_sink = drop).
+# N and D run in section 5, after the latency, since they need another build.
 # drain LABEL: emits the backlog with the relay unconfigured, then releases it and times the
 # delivery. Sets DRAIN_RATE, DRAIN_SECS, DRAIN_PEAK and DRAIN_WAL for LABEL.
 declare -A DRAIN_RATE DRAIN_SECS DRAIN_PEAK DRAIN_WAL
@@ -109,7 +125,7 @@ drain() {
         for half in 0 1; do
             lo=$((from + half * per_txn)); hi=$((lo + per_txn - 1)); [ $hi -ge $BACKLOG ] && hi=$((BACKLOG - 1))
             [ $lo -lt $BACKLOG ] || continue
-            sql "SELECT count(outbox.emit('bench', 'agg-' || (i % 1000), 'Tick', jsonb_build_object('seq', i, 'pad', repeat('x', 170)))) FROM generate_series($lo, $hi) AS i" >/dev/null &
+            sql "SELECT count(outbox.emit('bench', 'agg-' || (i % 1000), 'Tick', jsonb_build_object('seq', i, 'pad', repeat('x', ${PAD:-170})))) FROM generate_series($lo, $hi) AS i" >/dev/null &
             writers+=($!)
         done
         wait "${writers[@]}"
@@ -118,6 +134,7 @@ drain() {
     emit_secs=$(echo "$(date +%s.%N) - $start" | bc -l)
     backlog_bytes=$(status pending_bytes)
     delivered0=$(status events_delivered)
+    perf_start "$label"
     set_conf outbox.bootstrap_servers "$BOOTSTRAP"
     t0=$(date +%s.%N)
     while :; do
@@ -127,11 +144,24 @@ drain() {
         sleep 0.05
     done
     DRAIN_SECS[$label]=$(echo "$(date +%s.%N) - $t0" | bc -l)
+    perf_stop
     DRAIN_RATE[$label]=$(echo "$BACKLOG / ${DRAIN_SECS[$label]}" | bc -l)
     DRAIN_PEAK[$label]=$peak
     DRAIN_WAL[$label]=$backlog_bytes
     printf "    %s: emitted in %.1f s, WAL backlog %s bytes; drained in %.2f s = %.0f events/s; peak RssAnon %.1f MB\n" \
         "$label" "$emit_secs" "$backlog_bytes" "${DRAIN_SECS[$label]}" "${DRAIN_RATE[$label]}" "$peak"
+}
+# With BENCH_PERF: samples the relay's CPU from the release to the end of the drain.
+PERF_PID=
+perf_start() {
+    [ -n "${BENCH_PERF:-}" ] || return 0
+    perf record -q -e cpu-clock -F 2999 --call-graph dwarf,8192 -p "$(status worker_pid)" -o "$DIR/perf.$1.data" >/dev/null 2>&1 &
+    PERF_PID=$!
+    for _ in $(seq 100); do [ -s "$DIR/perf.$1.data" ] && break; sleep 0.05; done # attached
+}
+perf_stop() {
+    [ -n "$PERF_PID" ] || return 0
+    kill -INT "$PERF_PID"; wait "$PERF_PID" || true; PERF_PID=
 }
 # restart_with [FEATURES [STATE]]: stops the cluster, installs the release build (with
 # FEATURES), starts, and waits for the relay's STATE (default streaming).
@@ -141,12 +171,18 @@ restart_with() {
     as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
     wait_state "${2:-streaming}"
 }
-echo "==> drain: $BACKLOG events of ~200 bytes over 1000 keys, emitted with the relay unconfigured"
-drain kafka
-peak_drain=${DRAIN_PEAK[kafka]}
-payload_mb=$(sql "SELECT sum(length(jsonb_build_object('seq', i, 'pad', repeat('x', 170))::text)) / 1e6 FROM generate_series(0, $BACKLOG - 1) i")
-drain_mbs=$(echo "$payload_mb / ${DRAIN_SECS[kafka]}" | bc -l)
+echo "==> drain R: $BACKLOG events of ~200 bytes over 1000 keys, emitted with the relay unconfigured"
+drain R
+peak_drain=${DRAIN_PEAK[R]}
+payload_mb=$(sql "SELECT sum(length(jsonb_build_object('seq', i, 'pad', repeat('x', ${PAD:-170}))::text)) / 1e6 FROM generate_series(0, $BACKLOG - 1) i")
+drain_mbs=$(echo "$payload_mb / ${DRAIN_SECS[R]}" | bc -l)
+echo "==> producer ceiling K: R's records produced again by outbox-producer-limit"
+K_LINE=$("$BIN/outbox-producer-limit" "$BOOTSTRAP" outbox.event.bench 3 "$BACKLOG")
+echo "    K: $K_LINE"
+DRAIN_RATE[K]=$(echo "$K_LINE" | tr ' ' '\n' | awk -F= '$1 == "rate" {print $2}')
+DRAIN_SECS[K]=$(echo "$K_LINE" | tr ' ' '\n' | awk -F= '$1 == "seconds" {print $2}')
 
+if [ -z "$ONLY" ]; then
 # ---------------------------------------------------------------- 3. latency
 # Each load runs twice. Without a consumer: commit → acknowledgement from the relay's own
 # histogram, with only Postgres, the relay and the broker on the machine, as in production
@@ -193,20 +229,26 @@ for consumer in no yes; do
     latency 10000 latency5.sql 5 "$consumer"
 done
 streaming_mem=${MEM[10000]}
+fi
 
-# ---------------------------------------------------------------- 5. the drain's ceiling
-# The same backlog and worker, built with feature ceiling_sink, which acknowledges each record
-# at once instead of producing it: what remains is PostgreSQL's decoding and our own code.
-# Last, because it restarts the server twice.
-echo "==> drain ceiling: the same with Kafka replaced by a sink that acknowledges at once"
-restart_with ceiling_sink
-drain ceiling
+# ---------------------------------------------------------------- 5. the drain's other limits
+# N and D: the same backlog and worker, built with feature bench_sinks. Restarts the server.
+echo "==> relay ceiling N (bench_sink = instant) and decode floor D (bench_sink = drop)"
+restart_with bench_sinks
+set_conf outbox.bench_sink instant
+drain N
+set_conf outbox.bench_sink drop
+drain D
+set_conf outbox.bench_sink kafka
+limit_rate=$(echo "r = ${DRAIN_RATE[N]}; if (${DRAIN_RATE[K]} < r) r = ${DRAIN_RATE[K]}; r" | bc -l)
+drain_vs_limit=$(echo "${DRAIN_RATE[R]} / $limit_rate" | bc -l)
 
 # ---------------------------------------------------------------- 6. what authentication costs
 # emit_literal against raw_logical_message with the relay paused, as in section 1, with emit
 # built with feature unsealed_emit: the same validation and checks, the record written without
 # its key lookup and tag, as before records were authenticated. The relay is paused at a
 # sealed event emitted before the restart, so it decodes nothing during the runs.
+if [ -z "$ONLY" ]; then
 echo "==> authentication cost: emit built without sealing (unsealed_emit), relay paused"
 set_conf outbox.bootstrap_servers ''
 wait_state unconfigured
@@ -214,6 +256,7 @@ sql "SELECT outbox.emit('order', 'pause', 'Pause', '{}')" >/dev/null
 restart_with unsealed_emit unconfigured
 writer_round unsealed raw_logical_message emit_literal
 set_conf outbox.bootstrap_servers "$BOOTSTRAP"
+fi
 restart_with
 
 # ---------------------------------------------------------------- report
@@ -236,6 +279,28 @@ echo "# outbox_ext benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r); PostgreSQL $(sql 'SHOW server_version'); the relay produces to the dev broker (librdkafka mock cluster, 3 brokers) on loopback."
 echo
+echo "## Limits: the drain against what bounds it (one backlog shape, one run)"
+echo
+echo "$BACKLOG events (%s MB of payload) per run, emitted with the relay unconfigured and then released; R, N and D time the relay from release to the last acknowledgement it counted, K times a standalone producer from its first record to its last acknowledgement." | sed "s/%s/$(printf %.0f "$payload_mb")/"
+echo
+echo "| figure | what runs | events/s | seconds | WAL backlog | peak RssAnon |"
+echo "|---|---|---|---|---|---|"
+limit_row() { # label what
+    printf "| %s | %s | %.0f | %.2f | %s | %s |\n" "$1" "$2" "${DRAIN_RATE[$1]}" "${DRAIN_SECS[$1]}" "${DRAIN_WAL[$1]:-—}" "${DRAIN_PEAK[$1]:+${DRAIN_PEAK[$1]} MB}"
+}
+limit_row D "decode floor: the worker decodes and drops each message unopened"
+limit_row N "relay ceiling: decode, open, route, track; each record acknowledged at once"
+limit_row K "producer ceiling: R's records produced again by a standalone librdkafka producer"
+limit_row R "the relay's drain to the dev broker"
+echo
+rat() { echo "$1 / $2" | bc -l | xargs printf %.2f; }
+printf "N ÷ D = **%s** (our own code on top of PostgreSQL's decoding), R ÷ N = **%s**, R ÷ K = **%s**, R ÷ min(N, K) = **%s**.\n" \
+    "$(rat "${DRAIN_RATE[N]}" "${DRAIN_RATE[D]}")" "$(rat "${DRAIN_RATE[R]}" "${DRAIN_RATE[N]}")" \
+    "$(rat "${DRAIN_RATE[R]}" "${DRAIN_RATE[K]}")" "$(rat "${DRAIN_RATE[R]}" "$limit_rate")"
+echo
+printf "R drained %.1f MB/s of payload.\n" "$drain_mbs"
+echo
+if [ -z "$ONLY" ]; then
 echo "## 1. Writer overhead (pgbench -c 4 -j 2, ${SECONDS_PER_RUN} s per run; mean tps of $ROUNDS rounds paused, $STREAMING_ROUNDS streaming)"
 for mode in paused streaming; do
     echo
@@ -265,14 +330,6 @@ printf "| unsealed | %s | %s |\n" "$(round_ratios unsealed on emit_literal raw_l
 printf "| sealed ÷ unsealed (mean tps ratios) | %.3f | %.3f |\n" \
     "$(echo "$(ratio paused on emit_literal raw_logical_message) / $(ratio unsealed on emit_literal raw_logical_message)" | bc -l)" \
     "$(echo "$(ratio paused off emit_literal raw_logical_message) / $(ratio unsealed off emit_literal raw_logical_message)" | bc -l)"
-echo
-echo "## 2. Drain rate"
-echo
-printf "%s events (%.0f MB of payload, %s bytes of WAL) emitted with the relay unconfigured, then released: drained in %.2f s = **%.0f events/s**, %.1f MB/s of payload. Peak worker RssAnon while draining: %.1f MB.\n" \
-    "$BACKLOG" "$payload_mb" "${DRAIN_WAL[kafka]}" "${DRAIN_SECS[kafka]}" "${DRAIN_RATE[kafka]}" "$drain_mbs" "$peak_drain"
-echo
-printf "Ceiling: the same backlog drained by the same worker built with \`ceiling_sink\` (each record acknowledged at once instead of produced, so what remains is PostgreSQL's decoding and our own code): %.2f s = **%.0f events/s**. Drain ÷ ceiling = **%.2f**.\n" \
-    "${DRAIN_SECS[ceiling]}" "${DRAIN_RATE[ceiling]}" "$(echo "${DRAIN_RATE[kafka]} / ${DRAIN_RATE[ceiling]}" | bc -l)"
 echo
 echo "## 3. Latency (20 s of steady load; synchronous_commit=on, wal_writer_delay=10ms, producer linger.ms=1)"
 echo
@@ -305,9 +362,19 @@ echo "|---|---|"
 echo "| idle | $idle_mem MB |"
 echo "| streaming 10k events/s, no consumer (peak of samples) | $streaming_mem MB |"
 echo "| draining the $BACKLOG backlog (peak of samples) | $peak_drain MB |"
+fi
+echo
+if [ -n "${BENCH_PERF:-}" ]; then
+    echo "## Where each microsecond of an event goes (perf record -e cpu-clock while draining; perf's own cost included)"
+    echo
+    for l in R N D; do python3 scripts/drain_profile.py "$DIR/perf.$l.data" "$BACKLOG" "$l"; echo; done
+fi
+echo "drain_vs_limit=$(printf %.2f "$drain_vs_limit")"
+echo "peak_drain_rss_mb=$(printf %.1f "$peak_drain")"
 } | tee "$OUT"
 echo "(written to $OUT)"
 
 # ---------------------------------------------------------------- several databases
+[ -z "$ONLY" ] || exit 0
 cleanup
 BENCH_BUILT=1 BENCH_OUT="${OUT%.md}-databases.md" bash scripts/bench-databases.sh

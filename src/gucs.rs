@@ -34,6 +34,20 @@ static CLOUDEVENTS_SOURCE_GUC: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"/outbox_ext/{database}"));
 static TRACEPARENT_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static TRACESTATE_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+#[cfg(feature = "bench_sinks")]
+static BENCH_SINK_GUC: GucSetting<BenchSinkSetting> = GucSetting::<BenchSinkSetting>::new(BenchSinkSetting::Kafka);
+
+/// The values of `outbox.bench_sink`, defined only in a build with feature `bench_sinks`.
+#[cfg(feature = "bench_sinks")]
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum BenchSinkSetting {
+    #[name = c"kafka"]
+    Kafka,
+    #[name = c"instant"]
+    Instant,
+    #[name = c"drop"]
+    Drop,
+}
 
 /// The values of `outbox.on_permanent_error`.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -186,6 +200,15 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::empty(),
     );
+    #[cfg(feature = "bench_sinks")]
+    GucRegistry::define_enum_guc(
+        c"outbox.bench_sink",
+        c"Benchmarks only: where the relay sends events (kafka; instant: acknowledged at once; drop: dropped unopened). Every event not sent to Kafka is lost.",
+        c"",
+        &BENCH_SINK_GUC,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
     crate::ffi::reserve_guc_prefix("outbox");
 }
 
@@ -242,6 +265,19 @@ pub fn on_permanent_error() -> OnPermanentError {
 
 pub fn dead_letter_topic() -> String {
     string(&DEAD_LETTER_TOPIC_GUC).trim().to_string()
+}
+
+/// `outbox.bench_sink` (always Kafka without feature `bench_sinks`).
+pub fn bench_sink() -> crate::relay::BenchSink {
+    use crate::relay::BenchSink;
+    #[cfg(feature = "bench_sinks")]
+    return match BENCH_SINK_GUC.get() {
+        BenchSinkSetting::Kafka => BenchSink::Kafka,
+        BenchSinkSetting::Instant => BenchSink::Instant,
+        BenchSinkSetting::Drop => BenchSink::Drop,
+    };
+    #[cfg(not(feature = "bench_sinks"))]
+    BenchSink::Kafka
 }
 
 pub fn record_format() -> outbox_core::routing::RecordFormat {

@@ -113,6 +113,11 @@ pub struct Routing<'a> {
 
 impl DecodeSink for Routing<'_> {
     fn event(&mut self, txn: TxnInfo, lsn: u64, body: &[u8]) {
+        if cfg!(feature = "bench_sinks") && self.router.drop_unopened {
+            // The bench's decode floor D: counted as delivered, nothing else.
+            self.router.delivered += 1;
+            return;
+        }
         if self.router.halted {
             // The transaction stays unconfirmed (the tracker has failed); the rewind that
             // follows decodes it again.
@@ -211,6 +216,8 @@ pub struct EventRouter {
     pub tails: Option<Tails>,
     /// `outbox.record_format = cloudevents`: the `ce_source` of this database's records.
     cloudevents_source: Option<Rc<str>>,
+    /// `outbox.bench_sink = drop` (feature `bench_sinks` only): drop every message unopened.
+    pub drop_unopened: bool,
 }
 
 impl EventRouter {
@@ -241,6 +248,7 @@ impl EventRouter {
             next_index: 0,
             tails: None,
             cloudevents_source: cloudevents_source.map(Rc::from),
+            drop_unopened: false,
         }
     }
 

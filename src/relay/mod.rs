@@ -53,6 +53,18 @@ pub fn launch(oid: u32, name: &str) -> Option<DynamicBackgroundWorker> {
         .ok()
 }
 
+/// Where the relay sends events. Anything but Kafka exists only in a build with feature
+/// `bench_sinks` (`outbox.bench_sink`), for `make bench`'s limits, and loses every event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchSink {
+    Kafka,
+    /// N, the ceiling: decoded, opened, routed and tracked; each record acknowledged at once
+    /// instead of handed to librdkafka.
+    Instant,
+    /// D, the decode floor: each message dropped unopened as decoding hands it over.
+    Drop,
+}
+
 /// The settings the relay runs with, copied out of the GUCs on the worker's main thread so
 /// that no other thread ever reads a GUC.
 #[derive(Clone, PartialEq, Eq)]
@@ -69,6 +81,8 @@ pub struct RelaySettings {
     pub record_format: routing::RecordFormat,
     /// `outbox.cloudevents_source` with `{database}` replaced.
     pub cloudevents_source: String,
+    /// `outbox.bench_sink` (always Kafka in a released build).
+    pub bench_sink: BenchSink,
     /// May hold secrets: never logged, never shown (see the Debug impl).
     kafka_properties: String,
 }
@@ -83,6 +97,7 @@ impl std::fmt::Debug for RelaySettings {
             .field("exactly_once", &self.exactly_once)
             .field("record_format", &self.record_format)
             .field("cloudevents_source", &self.cloudevents_source)
+            .field("bench_sink", &self.bench_sink)
             .field("kafka_properties", &"<hidden>")
             .finish()
     }
@@ -103,6 +118,7 @@ impl RelaySettings {
             exactly_once: gucs::exactly_once(),
             record_format: gucs::record_format(),
             cloudevents_source: routing::database_template(&gucs::cloudevents_source_template(), database),
+            bench_sink: gucs::bench_sink(),
             kafka_properties: gucs::kafka_properties(),
         }
     }
@@ -148,5 +164,6 @@ impl RelaySettings {
             || self.kafka_properties != other.kafka_properties
             || self.max_record_bytes != other.max_record_bytes
             || self.exactly_once != other.exactly_once
+            || self.bench_sink != other.bench_sink
     }
 }

@@ -77,9 +77,6 @@ pub fn relay_main(database_oid: u32) {
             ffi::exit_worker(0);
         }
     };
-    if cfg!(feature = "ceiling_sink") {
-        warning!("outbox_ext was built with feature ceiling_sink, for benchmarks: events are acknowledged without being sent to Kafka");
-    }
     if cfg!(feature = "unsealed_emit") {
         warning!("outbox_ext was built with feature unsealed_emit, for benchmarks: emit writes events the relay skips");
     }
@@ -460,7 +457,12 @@ impl Relay {
             }
         };
         match KafkaProducer::new(&config) {
-            Ok(p) => {
+            Ok(mut p) => {
+                let sink = self.settings.bench_sink;
+                if sink != super::BenchSink::Kafka {
+                    warning!("outbox_ext relay: outbox.bench_sink = {sink:?}, for benchmarks: events are not sent to Kafka and are lost");
+                }
+                p.instant_ack = sink == super::BenchSink::Instant;
                 let mut router = EventRouter::new(
                     p,
                     self.settings.topic_template.clone(),
@@ -468,6 +470,7 @@ impl Relay {
                     cloudevents_source,
                 );
                 router.refused = std::mem::take(&mut self.refused);
+                router.drop_unopened = sink == super::BenchSink::Drop;
                 let guarantee = guarantee_of(&self.settings, &config);
                 if guarantee == Guarantee::ExactlyOnce {
                     router.tails = Some(Tails::new(&config));

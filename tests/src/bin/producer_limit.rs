@@ -1,0 +1,153 @@
+//! outbox-producer-limit: K, the producer's ceiling for `make bench`. Reads back the records
+//! the relay produced to TOPIC (all that the broker still holds: the dev broker keeps the newest
+//! 100,000 or 5 MB per partition), then produces COUNT records cycling through them, each
+//! unchanged (topic, partition, key, value, headers, timestamp), to the same broker with the relay's
+//! producer settings (`outbox_core::kafka_settings::producer_config`, no user properties, the
+//! default `outbox.max_record_bytes`), timed from the first hand-over to the last
+//! acknowledgement. The relay's own work (decoding, opening, routing, tracking) is absent: what
+//! is left is librdkafka and the broker.
+//!
+//! Usage: outbox-producer-limit BOOTSTRAP TOPIC PARTITIONS COUNT
+//! Prints `events=N seconds=S rate=R failed=F` on one line.
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+struct Record {
+    partition: i32,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Vec<u8>)>,
+    timestamp_ms: Option<i64>,
+}
+
+#[derive(Default)]
+struct Counts {
+    acked: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl ClientContext for Counts {}
+
+impl ProducerContext for Counts {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.acked.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// Every record the broker holds in `topic`'s `partitions`, partitions interleaved as they come.
+fn read_records(bootstrap: &str, topic: &str, partitions: i32) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "outbox-producer-limit")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0;
+    let mut high = Vec::new();
+    for p in 0..partitions {
+        let (lo, hi) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+        high.push(hi);
+        remaining += (hi > lo) as usize;
+        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut records = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while remaining > 0 {
+        assert!(Instant::now() < deadline, "read only {} records from {topic}", records.len());
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let m = m.expect("consume");
+        let headers = m
+            .headers()
+            .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
+            .unwrap_or_default();
+        if m.offset() + 1 == high[m.partition() as usize] {
+            remaining -= 1;
+        }
+        records.push(Record {
+            partition: m.partition(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers,
+            timestamp_ms: m.timestamp().to_millis(),
+        });
+    }
+    assert!(!records.is_empty(), "{topic} holds no record");
+    records
+}
+
+fn main() {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    if a.len() != 4 {
+        eprintln!("usage: outbox-producer-limit BOOTSTRAP TOPIC PARTITIONS COUNT");
+        std::process::exit(2);
+    }
+    let (bootstrap, topic) = (&a[0], &a[1]);
+    let partitions: i32 = a[2].parse().expect("PARTITIONS");
+    let count: usize = a[3].parse().expect("COUNT");
+    let records = read_records(bootstrap, topic, partitions);
+
+    // The relay's producer settings: defaults, no outbox.kafka_properties, the default
+    // outbox.max_record_bytes (1,000,000).
+    let config = outbox_core::kafka_settings::producer_config(bootstrap, "", 1_000_000).expect("settings");
+    let mut cc = ClientConfig::new();
+    for (k, v) in &config {
+        cc.set(k, v);
+    }
+    let producer: BaseProducer<Counts> = cc.create_with_context(Counts::default()).expect("producer");
+
+    let started = Instant::now();
+    for r in records.iter().cycle().take(count) {
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header { key: k, value: Some(v) });
+        }
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).partition(r.partition).headers(headers);
+        if let Some(key) = &r.key {
+            record = record.key(key);
+        }
+        if let Some(value) = &r.value {
+            record = record.payload(value);
+        }
+        if let Some(ts) = r.timestamp_ms {
+            record = record.timestamp(ts);
+        }
+        let mut record = record;
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    // Queue full (the relay's bound): serve delivery reports, then try again.
+                    record = back;
+                    producer.poll(Duration::ZERO);
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    let total = count as u64;
+    while producer.context().acked.load(Ordering::Relaxed) + producer.context().failed.load(Ordering::Relaxed) < total {
+        producer.poll(Duration::ZERO);
+        std::thread::sleep(Duration::from_micros(200));
+        assert!(started.elapsed() < Duration::from_secs(600), "acknowledgements stopped");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "events={total} distinct={} seconds={seconds:.3} rate={:.0} failed={}",
+        records.len(),
+        total as f64 / seconds,
+        producer.context().failed.load(Ordering::Relaxed)
+    );
+}

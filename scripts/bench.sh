@@ -10,6 +10,7 @@
 #   BENCH_STREAMING_ROUNDS  rounds with the relay streaming (default 1)
 #   BENCH_EVENTS    backlog size for the drain measurement (default 1000000)
 #   BENCH_ONLY=limits  only the drain's limits (section 2: D, N, K, R), for quick iterations
+#   BENCH_CONF     more postgresql.conf lines for the scratch cluster
 #   BENCH_PERF=1    profile the relay while it drains (perf record -e cpu-clock, DWARF call
 #                   graphs) and add where each microsecond of an event goes (`make bench-drain-profile`)
 set -euo pipefail
@@ -46,6 +47,7 @@ start_scratch_cluster "$DIR" "$PORT" <<CONF
 shared_buffers = '512MB'
 max_wal_size = '8GB'
 outbox.bootstrap_servers = '$BOOTSTRAP'
+${BENCH_CONF:-}
 CONF
 
 sql() { psql -X -A -t -q -v ON_ERROR_STOP=1 -U postgres -h "$DIR" -p "$PORT" -d postgres -c "$1"; }

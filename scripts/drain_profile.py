@@ -8,7 +8,8 @@ Each sample of the worker's main thread is put in the first stage (walking from 
 function towards main) whose pattern one of its frames matches, so that, say, a malloc called
 while routing counts as routing and a memcpy inside librdkafka's produce call as the produce
 call. PostgreSQL's own functions have no stage of their own: whatever runs under
-`decode_next` and in none of ours is decoding. librdkafka's threads are summed by name.
+`decode_next` and in none of ours is decoding. The other threads (the producing thread,
+librdkafka's) are summed by name.
 Prints a markdown table: stage, share of the main thread, microseconds per event.
 """
 import re
@@ -21,6 +22,7 @@ STAGES = [
     ("opening (HMAC check, parsing)", r"outbox_core::event::open|outbox_core::auth|sha2::|hmac::|digest::|Opener::open"),
     ("tracker", r"outbox_core::tracker|DeliveryTracker"),
     ("partition tails (exactly once)", r"Tails::place|relay::tail::"),
+    ("hand-over to the producing thread", r"KafkaProducer::queue|KafkaProducer::hand_over|Batch::push"),
     ("produce call (librdkafka, headers)", r"rd_kafka_produce|rd_kafka_header|KafkaProducer::send|OwnedHeaders|rd_kafka_msg_new"),
     ("delivery reports", r"EventRouter::poll|KafkaProducer::poll|rd_kafka_poll|rd_kafka_event|BaseProducer.*poll|RelayContext.*delivery|crossbeam"),
     ("routing (headers, topic, ids)", r"EventRouter::route|outbox_core::routing|uuid7|Position|Rfc3339"),
@@ -61,7 +63,7 @@ def main():
     label = sys.argv[3] if len(sys.argv) > 3 else path
     main_ns, threads = Counter(), Counter()
     for comm, period, frames in samples(path):
-        if comm.startswith("rdk:"):
+        if comm != "postgres":
             threads[re.sub(r"\d+$", "", comm)] += period
         else:
             main_ns[stage_of(frames)] += period
@@ -74,7 +76,7 @@ def main():
             print(f"| {name} | {100 * main_ns[name] / total:.1f} % | {main_ns[name] / 1e3 / events:.3f} |")
     print(f"| **main thread, all** | 100 % | **{total / 1e3 / events:.3f}** |")
     for name, ns in sorted(threads.items()):
-        print(f"| librdkafka threads `{name}*` (CPU beside the main thread) | | {ns / 1e3 / events:.3f} |")
+        print(f"| thread `{name}` (beside the main thread) | | {ns / 1e3 / events:.3f} |")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ static KAFKA_PROPERTIES_GUC: GucSetting<Option<CString>> = GucSetting::<Option<C
 static MAX_PAYLOAD_BYTES_GUC: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 static MAX_RECORD_BYTES_GUC: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 static MAX_PENDING_MB_GUC: GucSetting<i32> = GucSetting::<i32>::new(0);
+static DECODING_WORK_MEM_KB_GUC: GucSetting<i32> = GucSetting::<i32>::new(DECODING_WORK_MEM_DEFAULT_KB);
+/// `outbox.decoding_work_mem`'s default: with librdkafka's bounded queue (8 MB) and the
+/// worker's own few MB, a relay stays within 64 MB while it drains (BENCHMARKS.md, Limits).
+pub const DECODING_WORK_MEM_DEFAULT_KB: i32 = 32 * 1024;
 static FAILOVER_SLOT_GUC: GucSetting<bool> = GucSetting::<bool>::new(true);
 static EXACTLY_ONCE_GUC: GucSetting<bool> = GucSetting::<bool>::new(true);
 static ON_PERMANENT_ERROR_GUC: GucSetting<PermanentErrorSetting> =
@@ -125,6 +129,16 @@ pub fn init() {
         1_000_000_000,
         GucContext::Sighup,
         GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.decoding_work_mem",
+        c"The relay's logical_decoding_work_mem: how much of the transactions it decodes it holds in memory before writing the largest to disk.",
+        c"Bounds the relay's memory together with librdkafka's queue; logical_decoding_work_mem still applies to every other decoder.",
+        &DECODING_WORK_MEM_KB_GUC,
+        64,
+        i32::MAX / 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
     );
     GucRegistry::define_int_guc(
         c"outbox.max_pending_bytes",
@@ -245,6 +259,11 @@ pub fn kafka_properties() -> String {
 pub fn max_pending_bytes() -> Option<u64> {
     let mb = MAX_PENDING_MB_GUC.get();
     (mb > 0).then(|| mb as u64 * 1024 * 1024)
+}
+
+/// `outbox.decoding_work_mem`, in kB.
+pub fn decoding_work_mem_kb() -> i32 {
+    DECODING_WORK_MEM_KB_GUC.get()
 }
 
 pub fn max_payload_bytes() -> usize {

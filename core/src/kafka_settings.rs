@@ -14,12 +14,12 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     // producer (Debezium, Kafka Connect) would put it.
     ("partitioner", "murmur2_random"),
     // Bound what librdkafka buffers, so that the relay's memory stays flat while it drains a
-    // backlog (librdkafka's default allows about 1 GB). 16 MB in flight still drains more than
-    // 300,000 events/s (BENCHMARKS.md).
-    ("queue.buffering.max.kbytes", "16384"),
+    // backlog (librdkafka's default allows about 1 GB): with outbox.decoding_work_mem, a relay
+    // stays under 64 MB. 8 MB in flight drains more than 340,000 events/s (BENCHMARKS.md).
+    ("queue.buffering.max.kbytes", "8192"),
     // librdkafka's per-record overhead (headers, bookkeeping) is not in the kbytes limit: cap
     // the count too (librdkafka's default is 100,000).
-    ("queue.buffering.max.messages", "20000"),
+    ("queue.buffering.max.messages", "10000"),
     // Batches fill by themselves under load; a short linger keeps an idle relay's latency low.
     ("linger.ms", "1"),
 ];
@@ -232,7 +232,7 @@ mod tests {
     #[test]
     fn empty_properties_give_defaults() {
         let c = producer_config("b:1", "", MAX).unwrap();
-        assert_eq!(get(&c, "queue.buffering.max.kbytes"), Some("16384"));
+        assert_eq!(get(&c, "queue.buffering.max.kbytes"), Some("8192"));
         assert_eq!(parse_properties(" ; ;").unwrap(), vec![]);
         assert_eq!(parse_properties("a"), Err(SettingsError::MissingEquals { index: 1 }));
         assert_eq!(parse_properties("a=1;=2"), Err(SettingsError::EmptyKey { index: 2 }));

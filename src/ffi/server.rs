@@ -366,6 +366,21 @@ pub fn allow_own_output_plugin() {
     }
 }
 
+/// Sets `logical_decoding_work_mem` for this process only (session level): the relay's own
+/// limit (`outbox.decoding_work_mem`), read by the reorder buffer each time it checks its size.
+pub fn set_decoding_work_mem(kb: i32) {
+    let value = CString::new(format!("{kb}kB")).expect("no NUL");
+    // SAFETY: SetConfigOption copies its arguments; the setting is user-settable.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"logical_decoding_work_mem".as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+    }
+}
+
 /// Lock class of the installation lock, in the advisory lock space: SQL's `pg_advisory_*`
 /// functions use classes 1 and 2 only, so no session can take or release this lock by hand.
 /// `pg_locks` shows it as an advisory lock with `classid` 0x6f757462, `objid` 0x6f786578 and

@@ -3,7 +3,7 @@
 //! wrote it (its tag, see `outbox_core::auth`) and reads it, and the [`EventRouter`] picks the
 //! topic and hands the record to the producer, registering it with the delivery tracker.
 
-use super::produce::{Failure, KafkaProducer, QueueFull, Report};
+use super::produce::{Failure, KafkaProducer, QueueFull, Report, RoutedRecord};
 use super::signals;
 use super::tail::{Tails, Unavailable};
 use crate::ffi::{DecodeSink, TxnInfo};
@@ -15,6 +15,7 @@ use outbox_core::time::Rfc3339Micros;
 use outbox_core::tracker::{DeliveryTracker, Progress};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// No acknowledgement for this long while events are in flight counts as Kafka unavailable.
@@ -185,7 +186,7 @@ pub struct EventRouter {
     pub producer: KafkaProducer,
     pub tracker: DeliveryTracker,
     topic_template: String,
-    topics: HashMap<String, String>,
+    topics: HashMap<String, Arc<str>>,
     pub policy: DeadLetterPolicy,
     pub refused: Refused,
     /// Refused records waiting to be produced to the dead-letter topic.
@@ -252,26 +253,26 @@ impl EventRouter {
         }
     }
 
-    fn topic(&mut self, aggregatetype: &str) -> &str {
-        if !self.topics.contains_key(aggregatetype) {
-            if self.topics.len() > 10_000 {
-                self.topics.clear();
-            }
-            let topic = routing::topic_for(&self.topic_template, aggregatetype);
-            self.topics.insert(aggregatetype.to_string(), topic);
+    fn topic(&mut self, aggregatetype: &str) -> Arc<str> {
+        if let Some(topic) = self.topics.get(aggregatetype) {
+            return Arc::clone(topic);
         }
-        &self.topics[aggregatetype]
+        if self.topics.len() > 10_000 {
+            self.topics.clear();
+        }
+        let topic: Arc<str> = routing::topic_for(&self.topic_template, aggregatetype).into();
+        self.topics.insert(aggregatetype.to_string(), Arc::clone(&topic));
+        topic
     }
 
     fn record(&mut self, progress: Progress) {
         self.delivered += progress.events_completed;
     }
 
-    /// Serves librdkafka's callbacks that are ready (without waiting) and applies every report
-    /// that arrived. Callers wait on the worker's latch between polls: rdkafka's own poll with
-    /// a timeout spins on the clock for its last millisecond, which cost most of a core.
+    /// Hands the records routed so far to the producing thread and applies every report that
+    /// arrived (the producing thread serves librdkafka's callbacks). Never waits.
     pub fn poll(&mut self) {
-        self.producer.poll();
+        self.producer.hand_over();
         while let Ok(report) = self.producer.reports().try_recv() {
             match report {
                 Report::Delivery { seq, dead_letter, error: None } => {
@@ -313,6 +314,11 @@ impl EventRouter {
                             self.fail(Failure { record, ..failure });
                         }
                     }
+                }
+                Report::Discarded { seq } => {
+                    // Dropped by a purge, before librdkafka had it: the rewind sends it again.
+                    self.tracker.delivered(seq, false);
+                    self.halted = true;
                 }
                 Report::Client { message } => {
                     self.last_error = Some(message);
@@ -366,7 +372,7 @@ impl EventRouter {
             let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             let r = &dead.record;
             let (value, binary) = (r.value.bytes(), r.value.is_binary());
-            match self.producer.send(&self.policy.topic, None, &r.key, value, binary, &headers, r.timestamp_ms, dead.seq, true) {
+            match self.producer.send_now(&self.policy.topic, None, &r.key, value, binary, &headers, r.timestamp_ms, dead.seq, true) {
                 Ok(()) => {
                     self.to_topic.pop_front();
                 }
@@ -443,10 +449,10 @@ impl EventRouter {
         let headers = routing::record_headers(ev, &id, &position_text, &envelope);
         let timestamp = routing::pg_timestamp_to_unix_ms(txn.commit_time);
         let seq = self.tracker.add_event(txn.end_lsn, txn.commit_time);
-        let topic = self.topic(ev.aggregatetype).to_string();
+        let topic = self.topic(ev.aggregatetype);
         if self.set_aside_permanently() {
             if let Some((refusal, dead_letter_error)) = self.refused.get(txn.end_lsn, &id).cloned() {
-                let record = record_of(topic, ev, &headers, timestamp);
+                let record = record_of(topic.to_string(), ev, &headers, timestamp);
                 match dead_letter_error {
                     None => self.set_aside(seq, record, refusal),
                     Some(_) => self.to_table.push(DeadLetter { seq, record, refusal, dead_letter_error }),
@@ -471,44 +477,30 @@ impl EventRouter {
                 }
             }
         }
-        loop {
-            let (value, binary) = (ev.value.bytes(), ev.value.is_binary());
-            match self.producer.send(&topic, partition, ev.aggregateid, value, binary, &headers, timestamp, seq, false) {
-                Ok(()) => return,
-                Err(Ok(QueueFull)) => {
-                    // Back-pressure: librdkafka holds as much as queue.buffering.max.kbytes
-                    // allows. Serve delivery reports until there is room. A reload, a stop,
-                    // the postmaster's death or a long stall hands control back to the main
-                    // loop (which shows the state and rewinds), instead of waiting here for
-                    // as long as message.timeout.ms.
-                    self.poll();
-                    let stalled = self.last_ack.elapsed() > ACK_STALL;
-                    if self.halted
-                        || stalled
-                        || signals::reload_requested()
-                        || !signals::sleep(Duration::from_millis(1))
-                    {
-                        if stalled && self.last_error.is_none() {
-                            self.last_error = Some("Kafka accepts no more records and acknowledges none".into());
-                        }
-                        self.tracker.delivered(seq, false);
-                        self.halted = true;
-                        return;
-                    }
+        let record = RoutedRecord {
+            topic: &topic,
+            partition,
+            key: ev.aggregateid,
+            value: ev.value.bytes(),
+            binary: ev.value.is_binary(),
+            headers: &headers,
+            timestamp_ms: timestamp,
+        };
+        while let Err(QueueFull) = self.producer.queue(seq, &record) {
+            // Back-pressure: librdkafka holds as much as queue.buffering.max.kbytes allows, and
+            // the producing thread waits for room. Serve delivery reports until there is room.
+            // A reload, a stop, the postmaster's death or a long stall hands control back to
+            // the main loop (which shows the state and rewinds), instead of waiting here for as
+            // long as message.timeout.ms.
+            self.poll();
+            let stalled = self.last_ack.elapsed() > ACK_STALL;
+            if self.halted || stalled || signals::reload_requested() || !signals::sleep(Duration::from_millis(1)) {
+                if stalled && self.last_error.is_none() {
+                    self.last_error = Some("Kafka accepts no more records and acknowledges none".into());
                 }
-                Err(Err(e)) => {
-                    // Refused before it left: too large for message.max.bytes, a topic known
-                    // not to exist, or a producer in a fatal state.
-                    let failure = Failure::of(&id, &topic, &e);
-                    if failure.permanent && self.set_aside_permanently() {
-                        self.warn_set_aside(&failure.message);
-                        self.set_aside(seq, record_of(topic, ev, &headers, timestamp), failure.refusal);
-                    } else {
-                        self.tracker.delivered(seq, false);
-                        self.fail(failure);
-                    }
-                    return;
-                }
+                self.tracker.delivered(seq, false);
+                self.halted = true;
+                return;
             }
         }
     }

@@ -83,6 +83,8 @@ pub struct RelaySettings {
     pub cloudevents_source: String,
     /// `outbox.bench_sink` (always Kafka in a released build).
     pub bench_sink: BenchSink,
+    /// `outbox.decoding_work_mem`, in kB.
+    pub decoding_work_mem_kb: i32,
     /// May hold secrets: never logged, never shown (see the Debug impl).
     kafka_properties: String,
 }
@@ -98,6 +100,7 @@ impl std::fmt::Debug for RelaySettings {
             .field("record_format", &self.record_format)
             .field("cloudevents_source", &self.cloudevents_source)
             .field("bench_sink", &self.bench_sink)
+            .field("decoding_work_mem_kb", &self.decoding_work_mem_kb)
             .field("kafka_properties", &"<hidden>")
             .finish()
     }
@@ -119,6 +122,7 @@ impl RelaySettings {
             record_format: gucs::record_format(),
             cloudevents_source: routing::database_template(&gucs::cloudevents_source_template(), database),
             bench_sink: gucs::bench_sink(),
+            decoding_work_mem_kb: gucs::decoding_work_mem_kb(),
             kafka_properties: gucs::kafka_properties(),
         }
     }

@@ -1,8 +1,15 @@
-//! The librdkafka producer. Records are handed over on the worker's main thread; delivery
-//! reports come back through `BaseProducer::poll` on that same thread and are passed on over a
-//! crossbeam channel, so no Postgres code ever runs on a librdkafka thread.
+//! The librdkafka producer, and the thread that feeds it.
+//!
+//! Decoding and routing happen on the worker's main thread; handing a record to librdkafka
+//! (copying it, its headers, queueing it to its partition) happens on the *producing thread*,
+//! so that the two overlap instead of adding up. The main thread writes each routed record into
+//! a [`Batch`] (one buffer for all its bytes) and passes full batches over a bounded channel;
+//! the producing thread turns them into librdkafka records. Delivery reports come back through
+//! `BaseProducer::poll` (on either thread) and are passed on over a crossbeam channel to the
+//! main thread, the only one that touches the tracker or Postgres. The producing thread runs no
+//! Postgres code and reads no setting.
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use outbox_core::dead_letter::{Record, RecordValue, Refusal};
 use outbox_core::tracker::TxnSeq;
 use rdkafka::config::ClientConfig;
@@ -10,6 +17,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig};
 use rdkafka::{ClientContext, Message};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// What librdkafka tells the relay.
@@ -21,10 +31,15 @@ pub enum Report {
     Delivery { seq: TxnSeq, dead_letter: bool, error: Option<Box<Failure>> },
     /// A client-level error (all brokers down, authentication, fatal idempotence error).
     Client { message: String },
+    /// The record registered under `seq` was dropped before librdkafka had it: the producer
+    /// was purged (a rewind) or is being dropped.
+    Discarded { seq: TxnSeq },
 }
 
 struct RelayContext {
     reports: Sender<Report>,
+    /// Callbacks served so far: how [`serve`] tells whether a poll served any.
+    served: AtomicU64,
     /// Values of secret-looking properties, cut out of every message before it is reported.
     secrets: Vec<String>,
 }
@@ -64,6 +79,7 @@ impl ClientContext for RelayContext {
     }
 
     fn error(&self, _error: KafkaError, reason: &str) {
+        self.served.fetch_add(1, Ordering::Relaxed);
         // A fatal error arrives here with its underlying code; `KafkaProducer::fatal_error`
         // is how the relay tells it apart.
         let _ = self.reports.send(Report::Client { message: self.redact(reason) });
@@ -74,6 +90,7 @@ impl ProducerContext for RelayContext {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        self.served.fetch_add(1, Ordering::Relaxed);
         let (seq, dead_letter, binary) = unpack_opaque(opaque);
         let error = match result {
             Ok(_) => None,
@@ -199,20 +216,127 @@ pub enum ProducerError {
     Other(String),
 }
 
+/// Records per batch handed to the producing thread.
+const BATCH_RECORDS: usize = 256;
+/// Batches on their way to the producing thread at most: with librdkafka's own bounded queue
+/// behind them, what the relay holds stays bounded (about 1,000 records more).
+const BATCHES_IN_FLIGHT: usize = 4;
+/// How often the producing thread serves librdkafka's callbacks while records are in flight,
+/// and when nothing is (client errors such as all brokers down).
+const SERVE_IN_FLIGHT: Duration = Duration::from_millis(1);
+const SERVE_IDLE: Duration = Duration::from_millis(100);
+/// The producing thread's nap while librdkafka's queue is full.
+const QUEUE_FULL_NAP: Duration = Duration::from_micros(200);
+
+/// Routed records on their way to the producing thread: every byte of them (keys, values,
+/// header names and values) in one buffer, so that a batch costs a few allocations, not a few
+/// per record.
+#[derive(Default)]
+pub struct Batch {
+    records: Vec<BatchRecord>,
+    bytes: Vec<u8>,
+    /// The end offset in `bytes` of each piece: per record its key, its value, then each
+    /// header's name and value.
+    ends: Vec<u32>,
+}
+
+struct BatchRecord {
+    seq: TxnSeq,
+    topic: Arc<str>,
+    partition: Option<i32>,
+    timestamp_ms: i64,
+    binary: bool,
+    tombstone: bool,
+    /// Index in `ends` of its key's end; the key starts where the piece before it ended.
+    first: usize,
+    headers: usize,
+}
+
+/// A routed record, borrowed: what [`KafkaProducer::queue`] copies into a batch.
+pub struct RoutedRecord<'a> {
+    pub topic: &'a Arc<str>,
+    /// None: the one librdkafka's partitioner picks.
+    pub partition: Option<i32>,
+    pub key: &'a str,
+    /// None: a tombstone (a null value).
+    pub value: Option<&'a [u8]>,
+    /// The value holds bytes (`emit_binary`) rather than JSON text.
+    pub binary: bool,
+    pub headers: &'a [(&'a str, &'a str)],
+    pub timestamp_ms: i64,
+}
+
+impl Batch {
+    fn push(&mut self, seq: TxnSeq, r: &RoutedRecord<'_>) {
+        let first = self.ends.len();
+        self.piece(r.key.as_bytes());
+        self.piece(r.value.unwrap_or_default());
+        for (k, v) in r.headers {
+            self.piece(k.as_bytes());
+            self.piece(v.as_bytes());
+        }
+        self.records.push(BatchRecord {
+            seq,
+            topic: Arc::clone(r.topic),
+            partition: r.partition,
+            timestamp_ms: r.timestamp_ms,
+            binary: r.binary,
+            tombstone: r.value.is_none(),
+            first,
+            headers: r.headers.len(),
+        });
+    }
+
+    fn piece(&mut self, bytes: &[u8]) {
+        self.bytes.extend_from_slice(bytes);
+        self.ends.push(self.bytes.len() as u32);
+    }
+
+    /// Piece `i` of the batch.
+    fn get(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.bytes[start..self.ends[i] as usize]
+    }
+
+    fn text(&self, i: usize) -> &str {
+        // Written from &str by `push`.
+        std::str::from_utf8(self.get(i)).unwrap_or_default()
+    }
+
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    fn clear(&mut self) {
+        self.records.clear();
+        self.bytes.clear();
+        self.ends.clear();
+    }
+}
+
 pub struct KafkaProducer {
-    producer: BaseProducer<RelayContext>,
+    producer: Arc<BaseProducer<RelayContext>>,
     reports: Receiver<Report>,
-    /// `outbox.bench_sink = instant` (feature `bench_sinks` only): acknowledge every record at
-    /// once instead of handing it to librdkafka.
-    pub instant_ack: bool,
+    /// The main thread's own way into `reports` (for records it drops before handing them over).
+    own_reports: Sender<Report>,
+    /// The batch being filled on the main thread.
+    batch: Batch,
+    /// To the producing thread (None once it is told to stop), and the emptied batches back.
+    to_thread: Option<Sender<Batch>>,
+    emptied: Receiver<Batch>,
+    /// Set by `purge`: the producing thread drops what it has not handed over yet.
+    purged: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
 }
 
 /// A record the producer could not take because its queue is full.
 pub struct QueueFull;
 
 impl KafkaProducer {
-    /// Builds a producer. The error never contains a property value.
-    pub fn new(config: &[(String, String)]) -> Result<KafkaProducer, ProducerError> {
+    /// Builds a producer and its producing thread. The error never contains a property value.
+    /// `instant_ack` (`outbox.bench_sink = instant`, feature `bench_sinks` only): every record
+    /// is acknowledged at once instead of handed to librdkafka.
+    pub fn new(config: &[(String, String)], instant_ack: bool) -> Result<KafkaProducer, ProducerError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let secrets =
             config.iter().filter(|(k, _)| is_secret_key(k)).map(|(_, v)| v.clone()).collect::<Vec<_>>();
@@ -220,7 +344,7 @@ impl KafkaProducer {
         for (k, v) in config {
             cc.set(k, v);
         }
-        let context = RelayContext { reports: tx, secrets: secrets.clone() };
+        let context = RelayContext { reports: tx.clone(), served: AtomicU64::new(0), secrets: secrets.clone() };
         let producer = cc.create_with_context(context).map_err(|e| match e {
             KafkaError::ClientConfig(_, _, key, _) => ProducerError::InvalidProperty { key },
             other => ProducerError::Other(redact(
@@ -228,15 +352,67 @@ impl KafkaProducer {
                 &secrets,
             )),
         })?;
-        Ok(KafkaProducer { producer, reports: rx, instant_ack: false })
+        let producer = Arc::new(producer);
+        let (to_thread, batches) = crossbeam_channel::bounded(BATCHES_IN_FLIGHT);
+        let (give_back, emptied) = crossbeam_channel::bounded(BATCHES_IN_FLIGHT + 1);
+        let purged = Arc::new(AtomicBool::new(false));
+        let feeder = Feeder {
+            producer: Arc::clone(&producer),
+            purged: Arc::clone(&purged),
+            instant_ack: cfg!(feature = "bench_sinks") && instant_ack,
+        };
+        let thread = std::thread::Builder::new()
+            .name("outbox producing".into())
+            .spawn(move || feeder.run(batches, give_back))
+            .map_err(|e| ProducerError::Other(format!("could not start the producing thread: {e}")))?;
+        Ok(KafkaProducer {
+            producer,
+            reports: rx,
+            own_reports: tx,
+            batch: Batch::default(),
+            to_thread: Some(to_thread),
+            emptied,
+            purged,
+            thread: Some(thread),
+        })
     }
 
-    /// Hands one record to librdkafka (which copies it), to `partition` or, if None, to the one
-    /// librdkafka's partitioner picks; `value` None is a tombstone (a null value), and `binary`
-    /// says it holds bytes rather than JSON text. On a full queue the caller should poll and
-    /// try again. `dead_letter` marks the dead-letter copy of a refused record: its report says so.
+    /// Queues record `r` of event `seq` for the producing thread. `QueueFull` when the thread
+    /// is that far behind: the caller should poll and try again. Records go out in the order
+    /// queued; a partly filled batch leaves at the next [`KafkaProducer::hand_over`] (every poll).
+    pub fn queue(&mut self, seq: TxnSeq, r: &RoutedRecord<'_>) -> Result<(), QueueFull> {
+        if self.batch.len() >= BATCH_RECORDS && !self.hand_over() {
+            return Err(QueueFull);
+        }
+        self.batch.push(seq, r);
+        Ok(())
+    }
+
+    /// Passes the batch being filled to the producing thread; false if the thread's channel is
+    /// full (the batch stays, and is passed on later).
+    pub fn hand_over(&mut self) -> bool {
+        if self.batch.len() == 0 {
+            return true;
+        }
+        let Some(to_thread) = &self.to_thread else { return false };
+        let next = self.emptied.try_recv().unwrap_or_default();
+        let full = std::mem::replace(&mut self.batch, next);
+        match to_thread.try_send(full) {
+            Ok(()) => true,
+            Err(TrySendError::Full(full) | TrySendError::Disconnected(full)) => {
+                self.batch = full;
+                false
+            }
+        }
+    }
+
+    /// Hands one record to librdkafka (which copies it) at once, on this thread, to `partition`
+    /// or, if None, to the one librdkafka's partitioner picks; `value` None is a tombstone, and
+    /// `binary` says it holds bytes rather than JSON text. On a full queue the caller should
+    /// poll and try again. Only for dead-letter copies of refused records (`dead_letter`: the
+    /// report says so), which need no order with the events' records.
     #[allow(clippy::too_many_arguments)]
-    pub fn send(
+    pub fn send_now(
         &self,
         topic: &str,
         partition: Option<i32>,
@@ -251,11 +427,6 @@ impl KafkaProducer {
         let mut h = OwnedHeaders::new_with_capacity(headers.len());
         for (k, v) in headers {
             h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
-        }
-        if cfg!(feature = "bench_sinks") && self.instant_ack {
-            // The bench's ceiling N: everything up to here, and an acknowledgement at once.
-            let _ = self.producer.context().reports.send(Report::Delivery { seq, dead_letter, error: None });
-            return Ok(());
         }
         let mut record: BaseRecord<'_, str, [u8], usize> =
             BaseRecord::with_opaque_to(topic, pack_opaque(seq, dead_letter, binary));
@@ -273,18 +444,6 @@ impl KafkaProducer {
         }
     }
 
-    /// Serves every librdkafka callback that is ready, on this thread, without waiting.
-    /// rdkafka's poll serves one event per call when given no time (and spins on the clock
-    /// during its last millisecond when given some), so call it until it yields no report.
-    pub fn poll(&self) {
-        for _ in 0..100_000 {
-            let before = self.reports.len();
-            self.producer.poll(Duration::ZERO);
-            if self.reports.len() == before {
-                break;
-            }
-        }
-    }
 
     /// The fatal error this producer hit, if any: it cannot produce again and must be rebuilt.
     pub fn fatal_error(&self) -> Option<String> {
@@ -296,9 +455,138 @@ impl KafkaProducer {
         &self.reports
     }
 
-    /// Fails everything queued or in flight; the reports arrive with the next polls.
-    pub fn purge(&self) {
+    /// Fails everything queued or in flight; the reports arrive with the next polls. Records
+    /// not yet handed to librdkafka are dropped and reported as such.
+    pub fn purge(&mut self) {
+        self.purged.store(true, Ordering::SeqCst);
+        for r in self.batch.records.drain(..) {
+            let _ = self.own_reports.send(Report::Discarded { seq: r.seq });
+        }
+        self.batch.clear();
         self.producer.purge(PurgeConfig::default().queue().inflight());
+    }
+}
+
+impl Drop for KafkaProducer {
+    fn drop(&mut self) {
+        // Whatever the thread still holds is dropped, not produced: the slot was never
+        // confirmed past it, so decoding again delivers it.
+        self.purged.store(true, Ordering::SeqCst);
+        self.to_thread = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Serves every librdkafka callback that is ready, without waiting. rdkafka's poll serves one
+/// event per call when given no time (and spins on the clock during its last millisecond when
+/// given some), so call it until it serves nothing.
+fn serve(producer: &BaseProducer<RelayContext>) {
+    for _ in 0..100_000 {
+        let before = producer.context().served.load(Ordering::Relaxed);
+        producer.poll(Duration::ZERO);
+        if producer.context().served.load(Ordering::Relaxed) == before {
+            break;
+        }
+    }
+}
+
+/// The producing thread: turns batches into librdkafka records, in order.
+struct Feeder {
+    producer: Arc<BaseProducer<RelayContext>>,
+    purged: Arc<AtomicBool>,
+    instant_ack: bool,
+}
+
+impl Feeder {
+    /// Produces the batches as they come and serves librdkafka's callbacks (delivery reports,
+    /// errors) between them: at least every [`SERVE_IN_FLIGHT`] while records are in flight,
+    /// every [`SERVE_IDLE`] otherwise. Only this thread polls librdkafka: the memory of its
+    /// reports is freed where it was allocated, without the main thread waiting for
+    /// librdkafka's threads on malloc's locks (which left it idle 40% of a drain).
+    fn run(self, batches: Receiver<Batch>, give_back: Sender<Batch>) {
+        loop {
+            let wait = if self.producer.in_flight_count() > 0 { SERVE_IN_FLIGHT } else { SERVE_IDLE };
+            match batches.recv_timeout(wait) {
+                Ok(mut batch) => {
+                    for i in 0..batch.records.len() {
+                        self.produce(&batch, i);
+                    }
+                    batch.clear();
+                    let _ = give_back.try_send(batch);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            serve(&self.producer);
+        }
+    }
+
+    fn report(&self, report: Report) {
+        let _ = self.producer.context().reports.send(report);
+    }
+
+    fn produce(&self, batch: &Batch, i: usize) {
+        let r = &batch.records[i];
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers);
+        for h in 0..r.headers {
+            let name = batch.text(r.first + 2 + 2 * h);
+            headers = headers.insert(Header { key: name, value: Some(batch.get(r.first + 3 + 2 * h)) });
+        }
+        if self.instant_ack {
+            // The bench's ceiling N: everything up to here, and an acknowledgement at once.
+            self.report(Report::Delivery { seq: r.seq, dead_letter: false, error: None });
+            return;
+        }
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&r.topic, pack_opaque(r.seq, false, r.binary))
+                .key(batch.get(r.first))
+                .timestamp(r.timestamp_ms)
+                .headers(headers);
+        if let Some(p) = r.partition {
+            record = record.partition(p);
+        }
+        if !r.tombstone {
+            record = record.payload(batch.get(r.first + 1));
+        }
+        loop {
+            if self.purged.load(Ordering::Relaxed) {
+                self.report(Report::Discarded { seq: r.seq });
+                return;
+            }
+            match self.producer.send(record) {
+                Ok(()) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // librdkafka's queue is full: serve reports (they free room) and try again.
+                    record = back;
+                    serve(&self.producer);
+                    std::thread::sleep(QUEUE_FULL_NAP);
+                }
+                Err((e, _)) => {
+                    // Refused before it left: too large for message.max.bytes, a topic known not
+                    // to exist, or a producer in a fatal state. Reported like a failed delivery.
+                    let id = (0..r.headers)
+                        .find(|h| outbox_core::routing::is_id_header(batch.text(r.first + 2 + 2 * h)))
+                        .map_or("?", |h| batch.text(r.first + 3 + 2 * h));
+                    let mut failure = Failure::of(id, &r.topic, &e);
+                    failure.message = self.producer.context().redact(&failure.message);
+                    if failure.permanent {
+                        failure.record = Some(Record {
+                            topic: r.topic.to_string(),
+                            key: batch.text(r.first).to_string(),
+                            value: RecordValue::from_kafka((!r.tombstone).then(|| batch.get(r.first + 1)), r.binary),
+                            headers: (0..r.headers)
+                                .map(|h| (batch.text(r.first + 2 + 2 * h).to_string(), batch.text(r.first + 3 + 2 * h).to_string()))
+                                .collect(),
+                            timestamp_ms: r.timestamp_ms,
+                        });
+                    }
+                    self.report(Report::Delivery { seq: r.seq, dead_letter: false, error: Some(Box::new(failure)) });
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -223,10 +223,12 @@ struct Relay {
 
 impl Relay {
     fn new(status: StatusWriter, slot: String, database: String, key: Option<InstalledKey>) -> Relay {
+        let settings = RelaySettings::read(&database);
+        ffi::set_decoding_work_mem(settings.decoding_work_mem_kb);
         Relay {
             status,
             slot,
-            settings: RelaySettings::read(&database),
+            settings,
             database,
             retirement: Retirement::new(key.map(|k| k.installation)),
             opener: Opener::new(key.map(|k| k.record_key())),
@@ -416,6 +418,8 @@ impl Relay {
         if new == self.settings {
             return;
         }
+        // Takes effect at the reorder buffer's next look at its size.
+        ffi::set_decoding_work_mem(new.decoding_work_mem_kb);
         log!("outbox_ext relay: configuration reloaded");
         let rebuild = new.kafka_changed(&self.settings) || new.routing_changed(&self.settings);
         if let Some(router) = self.router.as_mut() {
@@ -456,13 +460,12 @@ impl Relay {
                 return false;
             }
         };
-        match KafkaProducer::new(&config) {
-            Ok(mut p) => {
-                let sink = self.settings.bench_sink;
+        let sink = self.settings.bench_sink;
+        match KafkaProducer::new(&config, sink == super::BenchSink::Instant) {
+            Ok(p) => {
                 if sink != super::BenchSink::Kafka {
                     warning!("outbox_ext relay: outbox.bench_sink = {sink:?}, for benchmarks: events are not sent to Kafka and are lost");
                 }
-                p.instant_ack = sink == super::BenchSink::Instant;
                 let mut router = EventRouter::new(
                     p,
                     self.settings.topic_template.clone(),

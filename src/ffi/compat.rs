@@ -142,6 +142,35 @@ pub unsafe fn standbys_confirmed(lsn: pg_sys::XLogRecPtr, log_reason: bool) -> b
     }
 }
 
+/// Puts this process on the wait list of the condition variable that walsenders of failover
+/// slots sleep on while the standbys in `synchronized_standby_slots` catch up
+/// (`WalSndCtl->wal_confirm_rcv_cv`, broadcast by a physical walsender whenever its standby
+/// confirms WAL). Until [`stop_standby_wakeups`], each such confirmation sets this process's
+/// latch, so a latch wait returns then, as `WalSndWait` does. Nothing on 15 and 16.
+///
+/// # Safety
+/// On the main thread of a process attached to shared memory.
+pub unsafe fn start_standby_wakeups() {
+    // SAFETY: WalSndCtl points into shared memory for the life of the server; the condition
+    // variable is initialised at start-up and only used through its functions.
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    unsafe {
+        pg_sys::ConditionVariablePrepareToSleep(&raw mut (*pg_sys::WalSndCtl).wal_confirm_rcv_cv);
+    }
+}
+
+/// Takes this process off the wait list of [`start_standby_wakeups`].
+///
+/// # Safety
+/// On the main thread of a process attached to shared memory.
+pub unsafe fn stop_standby_wakeups() {
+    // SAFETY: removes this process from whichever wait list it prepared for, if any.
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    unsafe {
+        pg_sys::ConditionVariableCancelSleep();
+    }
+}
+
 /// Whether the slot whose persistent data is at `data` was invalidated (it lost WAL it needed,
 /// or, from 16 on, rows it needed or `wal_level`; from 18 on, it was idle too long).
 ///

@@ -243,6 +243,23 @@ impl DecodingSession {
         STANDBY_WAIT.get()
     }
 
+    /// While decoding waits for the standbys (see [`DecodingSession::standby_wait`]): sleeps on
+    /// the worker's latch until a standby in `synchronized_standby_slots` confirms more WAL (the
+    /// condition variable their walsenders broadcast), the latch is set otherwise, or `timeout`
+    /// passes, as walsenders wait. Returns at once if they already confirmed `lsn`. `sleep` is
+    /// the worker's latch wait.
+    pub fn wait_for_standbys(&self, lsn: u64, timeout: std::time::Duration, sleep: impl FnOnce(std::time::Duration)) {
+        // SAFETY: on the worker's main thread, holding its slot; registered before the check so
+        // that a confirmation between the check and the sleep still sets the latch.
+        unsafe {
+            super::compat::start_standby_wakeups();
+            if !super::compat::standbys_confirmed(lsn, false) {
+                sleep(timeout);
+            }
+            super::compat::stop_standby_wakeups();
+        }
+    }
+
     /// Decodes the next WAL record if all of it has been flushed (and, where the standbys must
     /// confirm it first, confirmed), handing events and commits to `sink`. Returns false,
     /// without waiting, when there is none.

@@ -488,13 +488,18 @@ impl EventRouter {
         };
         while let Err(QueueFull) = self.producer.queue(seq, &record) {
             // Back-pressure: librdkafka holds as much as queue.buffering.max.kbytes allows, and
-            // the producing thread waits for room. Serve delivery reports until there is room.
-            // A reload, a stop, the postmaster's death or a long stall hands control back to
-            // the main loop (which shows the state and rewinds), instead of waiting here for as
-            // long as message.timeout.ms.
+            // the producing thread waits for room. Serve delivery reports and wait for the
+            // thread to take the batch. A reload, a stop, the postmaster's death or a long
+            // stall hands control back to the main loop (which shows the state and rewinds),
+            // instead of waiting here for as long as message.timeout.ms.
             self.poll();
             let stalled = self.last_ack.elapsed() > ACK_STALL;
-            if self.halted || stalled || signals::reload_requested() || !signals::sleep(Duration::from_millis(1)) {
+            let producer = &mut self.producer;
+            if self.halted
+                || stalled
+                || signals::reload_requested()
+                || !signals::wait_off_latch(Duration::from_millis(1), |t| producer.wait_for_room(t))
+            {
                 if stalled && self.last_error.is_none() {
                     self.last_error = Some("Kafka accepts no more records and acknowledges none".into());
                 }

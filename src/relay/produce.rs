@@ -388,6 +388,20 @@ impl KafkaProducer {
         Ok(())
     }
 
+    /// After `QueueFull`: waits up to `timeout` for the producing thread to take the full
+    /// batch, handing it over the moment there is room.
+    pub fn wait_for_room(&mut self, timeout: Duration) {
+        if self.batch.len() < BATCH_RECORDS {
+            return;
+        }
+        let Some(to_thread) = &self.to_thread else { return };
+        let next = self.emptied.try_recv().unwrap_or_default();
+        let full = std::mem::replace(&mut self.batch, next);
+        if let Err(e) = to_thread.send_timeout(full, timeout) {
+            self.batch = e.into_inner();
+        }
+    }
+
     /// Passes the batch being filled to the producing thread; false if the thread's channel is
     /// full (the batch stays, and is passed on later).
     pub fn hand_over(&mut self) -> bool {

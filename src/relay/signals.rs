@@ -43,6 +43,20 @@ pub fn sleep(timeout: Duration) -> bool {
     !shutdown_requested()
 }
 
+/// Waits up to `timeout` in `wait`, a wait of its own off the latch (on a channel, which wakes
+/// the moment it is ready instead of at the next latch timeout), then notes SIGTERM and the
+/// postmaster's death as [`sleep`] would, with a latch poll that does not wait. Returns false
+/// if the worker must stop.
+pub fn wait_off_latch(timeout: Duration, wait: impl FnOnce(Duration)) -> bool {
+    if shutdown_requested() {
+        return false;
+    }
+    wait(timeout);
+    if !BackgroundWorker::wait_latch(Some(Duration::ZERO)) {
+        SHUTDOWN.store(true, Ordering::Relaxed);
+    }
+    !shutdown_requested()
+}
 
 /// Waits out `duration` even if the latch is set meanwhile (emit's commits set it to wake an
 /// idle relay), returning early only when the worker must stop (false) or reload (true).

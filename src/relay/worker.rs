@@ -52,9 +52,10 @@ const IDLE_SLEEP: Duration = Duration::from_secs(1);
 const WAL_SLACK: u64 = 64;
 /// How long decoding waits for the standbys before `last_error` says so.
 const STANDBY_WAIT_REPORT: Duration = Duration::from_secs(10);
-/// The nap while decoding waits for the standbys. A standby reports each flush as it happens,
-/// so a shorter one would mostly find nothing new.
-const STANDBY_WAIT_NAP: Duration = Duration::from_millis(10);
+/// The longest wait for the standbys in one go with nothing in flight: a standby's
+/// confirmation ends it at once (see `DecodingSession::wait_for_standbys`), and this bounds how
+/// long a change of `synchronized_standby_slots` or of the standbys goes unnoticed.
+const STANDBY_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// A relay's main function (started by the launcher through `ffi::outbox_relay_main`), for
 /// the database with oid `database_oid`.
@@ -329,13 +330,20 @@ impl Relay {
                         return Exit::Retired;
                     }
                 }
-                // 1 ms naps keep latency low while events flow or await acknowledgement. After a
-                // second of quiet: 10 ms naps while WAL is written that is not decoded yet (not
-                // flushed, or another database's), else a long sleep that emit's commit cuts
-                // short (`ffi::wake_at_commit`), so that idle relays cost next to nothing.
-                let nap = if self.standby_wait.is_some() {
-                    STANDBY_WAIT_NAP
-                } else if in_flight || self.idle_streak < 1000 {
+                // Waiting for the standbys: until one confirms (or within 1 ms while
+                // acknowledgements are due). Otherwise 1 ms naps keep latency low while events
+                // flow or await acknowledgement. After a second of quiet: 10 ms naps while WAL is
+                // written that is not decoded yet (not flushed, or another database's), else a
+                // long sleep that emit's commit cuts short (`ffi::wake_at_commit`), so that idle
+                // relays cost next to nothing.
+                if let Some((session, lsn)) = self.session.as_ref().and_then(|s| Some((s, s.standby_wait()?))) {
+                    let timeout = if in_flight { Duration::from_millis(1) } else { STANDBY_WAIT_MAX };
+                    session.wait_for_standbys(lsn, timeout, |t| {
+                        sleep(t);
+                    });
+                    continue;
+                }
+                let nap = if in_flight || self.idle_streak < 1000 {
                     Duration::from_millis(1)
                 } else if ffi::wal_insert_lsn() > self.session.as_ref().map_or(0, |s| s.decoded_upto()) + WAL_SLACK {
                     Duration::from_millis(10)

@@ -11,6 +11,10 @@
 #   BENCH_EVENTS    backlog size for the drain measurement (default 1000000)
 #   BENCH_ONLY=limits  only the drain's limits (section 2: D, N, K, R), for quick iterations
 #   BENCH_CONF     more postgresql.conf lines for the scratch cluster
+#   BENCH_DRAIN_WRITERS  sessions emitting the backlog at once (default 1: its transactions
+#                   follow each other in WAL, so that D, N and R decode the same layout; 2
+#                   interleaves two 50,000-event transactions, which the reorder buffer holds
+#                   together)
 #   BENCH_PERF=1    profile the relay while it drains (perf record -e cpu-clock, DWARF call
 #                   graphs) and add where each microsecond of an event goes (`make bench-drain-profile`)
 set -euo pipefail
@@ -22,6 +26,7 @@ ROUNDS=${BENCH_ROUNDS:-3}
 STREAMING_ROUNDS=${BENCH_STREAMING_ROUNDS:-1}
 BACKLOG=${BENCH_EVENTS:-1000000}
 ONLY=${BENCH_ONLY:-}
+DRAIN_WRITERS=${BENCH_DRAIN_WRITERS:-1}
 SHARED=${SHARED_BENCH:-../shared/bench}
 DIR=${BENCH_DIR:-/tmp/outbox-bench}
 PORT=${BENCH_PORT:-55433}
@@ -123,9 +128,9 @@ drain() {
     set_conf outbox.bootstrap_servers ''
     wait_state unconfigured
     start=$(date +%s.%N)
-    for ((from = 0; from < BACKLOG; from += per_txn * 2)); do
+    for ((from = 0; from < BACKLOG; from += per_txn * DRAIN_WRITERS)); do
         writers=()
-        for half in 0 1; do
+        for ((half = 0; half < DRAIN_WRITERS; half++)); do
             lo=$((from + half * per_txn)); hi=$((lo + per_txn - 1)); [ $hi -ge $BACKLOG ] && hi=$((BACKLOG - 1))
             [ $lo -lt $BACKLOG ] || continue
             sql "SELECT count(outbox.emit('bench', 'agg-' || (i % 1000), 'Tick', jsonb_build_object('seq', i, 'pad', repeat('x', ${PAD:-170})))) FROM generate_series($lo, $hi) AS i" >/dev/null &
@@ -240,7 +245,7 @@ streaming_mem=${MEM[10000]}
 if [ "$PG" -ge 17 ]; then
     echo "==> latency at 10,000 events/s with a streaming standby in synchronized_standby_slots"
     standby_dir=$DIR/standby
-    as_pg "$PG_BIN/pg_basebackup" -h "$DIR" -p "$PORT" -U postgres -D "$standby_dir" -R -C -S bench_standby -X stream
+    as_pg "$PG_BIN/pg_basebackup" -h "$DIR" -p "$PORT" -U postgres -D "$standby_dir" -R -C -S bench_standby -X stream -c fast
     printf "port = %s\n" $((PORT + 1)) >> "$standby_dir/postgresql.conf"
     as_pg "$PG_BIN/pg_ctl" -D "$standby_dir" -l "$DIR/standby.log" -w start >/dev/null
     for _ in $(seq 300); do
@@ -305,7 +310,7 @@ echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname
 echo
 echo "## Limits: the drain against what bounds it (one backlog shape, one run)"
 echo
-echo "$BACKLOG events (%s MB of payload) per run, emitted with the relay unconfigured and then released; R, N and D time the relay from release to the last acknowledgement it counted, K times a standalone producer from its first record to its last acknowledgement." | sed "s/%s/$(printf %.0f "$payload_mb")/"
+echo "$BACKLOG events (%s MB of payload) per run, in transactions of 50,000 emitted by $DRAIN_WRITERS session(s) at a time with the relay unconfigured, then released; R, N and D time the relay from release to the last acknowledgement it counted, K times a standalone producer from its first record to its last acknowledgement." | sed "s/%s/$(printf %.0f "$payload_mb")/"
 echo
 echo "| figure | what runs | events/s | seconds | WAL backlog | peak RssAnon |"
 echo "|---|---|---|---|---|---|"

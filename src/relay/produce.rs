@@ -4,10 +4,10 @@
 //! (copying it, its headers, queueing it to its partition) happens on the *producing thread*,
 //! so that the two overlap instead of adding up. The main thread writes each routed record into
 //! a [`Batch`] (one buffer for all its bytes) and passes full batches over a bounded channel;
-//! the producing thread turns them into librdkafka records. Delivery reports come back through
-//! `BaseProducer::poll` (on either thread) and are passed on over a crossbeam channel to the
-//! main thread, the only one that touches the tracker or Postgres. The producing thread runs no
-//! Postgres code and reads no setting.
+//! the producing thread turns them into librdkafka records. Only the producing thread polls
+//! librdkafka: delivery reports come back through `BaseProducer::poll` there and are passed on
+//! over a crossbeam channel to the main thread, the only one that touches the tracker or
+//! Postgres. The producing thread runs no Postgres code and reads no setting.
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use outbox_core::dead_letter::{Record, RecordValue, Refusal};
@@ -216,10 +216,12 @@ pub enum ProducerError {
     Other(String),
 }
 
-/// Records per batch handed to the producing thread.
+/// A batch is handed to the producing thread once it holds this many records or bytes (a
+/// single larger record makes a batch of its own).
 const BATCH_RECORDS: usize = 256;
+const BATCH_BYTES: usize = 1 << 20;
 /// Batches on their way to the producing thread at most: with librdkafka's own bounded queue
-/// behind them, what the relay holds stays bounded (about 1,000 records more).
+/// behind them, what the relay holds stays bounded (about 1,000 records or 4 MB more).
 const BATCHES_IN_FLIGHT: usize = 4;
 /// How often the producing thread serves librdkafka's callbacks while records are in flight,
 /// and when nothing is (client errors such as all brokers down).
@@ -237,7 +239,7 @@ pub struct Batch {
     bytes: Vec<u8>,
     /// The end offset in `bytes` of each piece: per record its key, its value, then each
     /// header's name and value.
-    ends: Vec<u32>,
+    ends: Vec<usize>,
 }
 
 struct BatchRecord {
@@ -289,13 +291,13 @@ impl Batch {
 
     fn piece(&mut self, bytes: &[u8]) {
         self.bytes.extend_from_slice(bytes);
-        self.ends.push(self.bytes.len() as u32);
+        self.ends.push(self.bytes.len());
     }
 
     /// Piece `i` of the batch.
     fn get(&self, i: usize) -> &[u8] {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        &self.bytes[start..self.ends[i] as usize]
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
     }
 
     fn text(&self, i: usize) -> &str {
@@ -307,10 +309,20 @@ impl Batch {
         self.records.len()
     }
 
+    /// Holds as much as a batch should: hand it over before adding to it.
+    fn full(&self) -> bool {
+        self.records.len() >= BATCH_RECORDS || self.bytes.len() >= BATCH_BYTES
+    }
+
+    /// Empties the batch for reuse; a buffer that grew for one large record is let go.
     fn clear(&mut self) {
         self.records.clear();
-        self.bytes.clear();
         self.ends.clear();
+        if self.bytes.capacity() > 2 * BATCH_BYTES {
+            self.bytes = Vec::new();
+        } else {
+            self.bytes.clear();
+        }
     }
 }
 
@@ -381,7 +393,7 @@ impl KafkaProducer {
     /// is that far behind: the caller should poll and try again. Records go out in the order
     /// queued; a partly filled batch leaves at the next [`KafkaProducer::hand_over`] (every poll).
     pub fn queue(&mut self, seq: TxnSeq, r: &RoutedRecord<'_>) -> Result<(), QueueFull> {
-        if self.batch.len() >= BATCH_RECORDS && !self.hand_over() {
+        if self.batch.full() && !self.hand_over() {
             return Err(QueueFull);
         }
         self.batch.push(seq, r);
@@ -391,7 +403,7 @@ impl KafkaProducer {
     /// After `QueueFull`: waits up to `timeout` for the producing thread to take the full
     /// batch, handing it over the moment there is room.
     pub fn wait_for_room(&mut self, timeout: Duration) {
-        if self.batch.len() < BATCH_RECORDS {
+        if !self.batch.full() {
             return;
         }
         let Some(to_thread) = &self.to_thread else { return };
@@ -616,6 +628,43 @@ mod tests {
         assert!(is_secret_key("ssl.key.pem"));
         assert!(is_secret_key("sasl.oauthbearer.config"));
         assert!(!is_secret_key("linger.ms"));
+    }
+
+    #[test]
+    fn a_batch_gives_back_each_record_as_pushed() {
+        let topic: Arc<str> = "t".into();
+        let mut b = Batch::default();
+        let headers = [("id", "1"), ("type", "Tick"), ("", "")];
+        b.push(7, &RoutedRecord { topic: &topic, partition: Some(2), key: "k1", value: Some(b"{}"), binary: false, headers: &headers, timestamp_ms: 5 });
+        b.push(8, &RoutedRecord { topic: &topic, partition: None, key: "", value: None, binary: false, headers: &[], timestamp_ms: 6 });
+        b.push(9, &RoutedRecord { topic: &topic, partition: None, key: "k3", value: Some(&[0, 255]), binary: true, headers: &headers[..1], timestamp_ms: 7 });
+        let r = &b.records;
+        assert_eq!((r[0].seq, r[0].partition, r[0].headers, r[0].tombstone), (7, Some(2), 3, false));
+        assert_eq!((b.text(r[0].first), b.get(r[0].first + 1)), ("k1", &b"{}"[..]));
+        assert_eq!((b.text(r[0].first + 4), b.text(r[0].first + 5)), ("type", "Tick"));
+        assert_eq!((b.text(r[0].first + 6), b.text(r[0].first + 7)), ("", ""));
+        assert_eq!((r[1].tombstone, b.text(r[1].first), b.get(r[1].first + 1)), (true, "", &b""[..]));
+        assert_eq!((r[2].binary, b.get(r[2].first + 1), b.text(r[2].first + 3)), (true, &[0u8, 255][..], "1"));
+        assert!(!b.full());
+        b.clear();
+        assert_eq!((b.len(), b.bytes.len(), b.ends.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_batch_is_full_at_its_record_or_byte_limit() {
+        let topic: Arc<str> = "t".into();
+        let mut b = Batch::default();
+        for i in 0..BATCH_RECORDS as u64 {
+            assert!(!b.full());
+            b.push(i, &RoutedRecord { topic: &topic, partition: None, key: "k", value: Some(b"v"), binary: false, headers: &[], timestamp_ms: 0 });
+        }
+        assert!(b.full());
+        let mut big = Batch::default();
+        let value = vec![b'x'; BATCH_BYTES * 3];
+        big.push(0, &RoutedRecord { topic: &topic, partition: None, key: "k", value: Some(&value), binary: false, headers: &[], timestamp_ms: 0 });
+        assert!(big.full());
+        big.clear();
+        assert_eq!(big.bytes.capacity(), 0, "a buffer grown for one large record is let go");
     }
 
     #[test]

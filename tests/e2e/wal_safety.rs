@@ -73,7 +73,11 @@ fn an_idle_slot_keeps_up_with_unrelated_writes_in_every_database() {
         max_pending as f64 / MB as f64,
         caught_up.elapsed()
     );
-    assert!(max_pending < 64 * MB, "the idle slot fell {max_pending} bytes behind");
+    // The relay holds at most outbox.decoding_work_mem (32 MB) of a transaction before writing
+    // it to disk, so the large unrelated transactions here are spilled and read back, and its
+    // slot trails further while they are (25–32 MB at 64 MB, 37–73 MB at 32 MB, measured). A
+    // relay that does not move an idle slot trails by all of the 493 MB.
+    assert!(max_pending < 128 * MB, "the idle slot fell {max_pending} bytes behind");
     drop(kafka);
 }
 

@@ -353,31 +353,23 @@ pub fn allow_own_output_plugin() {
         return;
     }
     let value = if current.trim().is_empty() { "outbox_ext".to_string() } else { format!("{current}, outbox_ext") };
-    let value = CString::new(value).expect("no NUL");
-    // SAFETY: SetConfigOption copies its arguments; the worker runs as the bootstrap
-    // superuser, so PGC_SUSET applies.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"output_plugin_libraries".as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-        );
-    }
+    // The worker runs as the bootstrap superuser, so PGC_SUSET applies.
+    set_for_this_process(c"output_plugin_libraries", &value, pg_sys::GucContext::PGC_SUSET);
 }
 
 /// Sets `logical_decoding_work_mem` for this process only (session level): the relay's own
 /// limit (`outbox.decoding_work_mem`), read by the reorder buffer each time it checks its size.
 pub fn set_decoding_work_mem(kb: i32) {
-    let value = CString::new(format!("{kb}kB")).expect("no NUL");
-    // SAFETY: SetConfigOption copies its arguments; the setting is user-settable.
+    set_for_this_process(c"logical_decoding_work_mem", &format!("{kb}kB"), pg_sys::GucContext::PGC_USERSET);
+}
+
+/// Sets server setting `name` to `value` for this process only, at session level, as a
+/// process whose privileges reach `context` (SetConfigOption reports an error otherwise).
+fn set_for_this_process(name: &CStr, value: &str, context: pg_sys::GucContext::Type) {
+    let value = CString::new(value).expect("no NUL");
+    // SAFETY: SetConfigOption copies its arguments.
     unsafe {
-        pg_sys::SetConfigOption(
-            c"logical_decoding_work_mem".as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-        );
+        pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), context, pg_sys::GucSource::PGC_S_SESSION);
     }
 }
 

@@ -10,6 +10,10 @@
 #   BENCH_STREAMING_ROUNDS  rounds with the relay streaming (default 1)
 #   BENCH_EVENTS    backlog size for the drain measurement (default 1000000)
 #   BENCH_ONLY=limits  only the drain's limits (section 2: D, N, K, R), for quick iterations
+#   BENCH_ONLY=drain   only R and K (about 1 minute)
+#   BENCH_ONLY=latency only commit → acknowledgement at 10,000 events/s, with a streaming standby
+#                   on 17 and later
+#   BENCH_KAFKA_PROPERTIES  outbox.kafka_properties for the relay, and the same for K
 #   BENCH_CONF     more postgresql.conf lines for the scratch cluster
 #   BENCH_DRAIN_WRITERS  sessions emitting the backlog at once (default 1: its transactions
 #                   follow each other in WAL, so that D, N and R decode the same layout; 2
@@ -17,6 +21,8 @@
 #                   together)
 #   BENCH_PERF=1    profile the relay while it drains (perf record -e cpu-clock, DWARF call
 #                   graphs) and add where each microsecond of an event goes (`make bench-drain-profile`)
+#   BENCH_PERF_EVENT  perf's event instead of cpu-clock (sched:sched_switch: where each thread
+#                   sleeps; the breakdown is then meaningless)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -53,6 +59,7 @@ start_scratch_cluster "$DIR" "$PORT" <<CONF
 shared_buffers = '512MB'
 max_wal_size = '8GB'
 outbox.bootstrap_servers = '$BOOTSTRAP'
+outbox.kafka_properties = '${BENCH_KAFKA_PROPERTIES:-}'
 ${BENCH_CONF:-}
 CONF
 
@@ -67,9 +74,80 @@ worker_mem() { # RssAnon and VmHWM of the relay, in MB
 }
 anon_mb() { awk '/^RssAnon/ {printf "%.1f", $2/1024}' "/proc/$(status worker_pid)/status"; }
 
+# ---------------------------------------------------------------- latency, used by section 3
+# Each load runs twice. Without a consumer: commit → acknowledgement from the relay's own
+# histogram, with only Postgres, the relay and the broker on the machine, as in production
+# where consumers run elsewhere. With the consumer (outbox-latency, which polls the broker
+# every millisecond on the same 2 cores): emit → receipt per event, and the relay's figure
+# again, to show what the consumer's CPU does to it.
+ack_quantiles() { # → "txns=… ack_p50_ms=… ack_p99_ms=… ack_p999_ms=…" since the ack0 snapshot
+    sql "WITH d AS (SELECT a.le_ms, a.transactions - b.transactions AS n FROM outbox.ack_latency() a JOIN ack0 b USING (le_ms)),
+             t AS (SELECT max(n) AS total FROM d)
+        SELECT 'txns=' || total || ' ack_p50_ms=' || (SELECT min(le_ms) FROM d WHERE n >= 0.5 * total)
+            || ' ack_p99_ms=' || (SELECT min(le_ms) FROM d WHERE n >= 0.99 * total)
+            || ' ack_p999_ms=' || (SELECT min(le_ms) FROM d WHERE n >= 0.999 * total) FROM t"
+}
+latency() { # rate script events-per-transaction consumer(yes|no)
+    local rate=$1 script=$2 per=$3 consumer=$4
+    local count=$((rate * 20)) out="$DIR/latency.out" lpid=
+    if [ "$consumer" = yes ]; then
+        "$BIN/outbox-latency" "$BOOTSTRAP" outbox.event.latency 3 "$count" 60 >"$out" &
+        lpid=$!
+        for _ in $(seq 100); do grep -q ready "$out" 2>/dev/null && break; sleep 0.1; done
+    fi
+    local mem_samples="$DIR/mem.$rate"; : >"$mem_samples"
+    ( for _ in $(seq 40); do anon_mb >>"$mem_samples"; echo >>"$mem_samples"; sleep 0.5; done ) &
+    local mpid=$!
+    sql "DROP TABLE IF EXISTS ack0; CREATE TABLE ack0 AS SELECT * FROM outbox.ack_latency()"
+    local txns
+    txns=$(pgb -c 4 -j 2 -T 20 -R $((rate / per)) -f "$DIR/$script" | awk '/transactions actually processed/ {print $NF}')
+    kill "$mpid" 2>/dev/null || true
+    if [ -n "$lpid" ]; then wait "$lpid"; LAT[$rate]=$(tail -1 "$out"); else MEM[$rate]=$(sort -n "$mem_samples" | tail -1); fi
+    # The histogram counts a transaction once all its events are acknowledged: wait for all.
+    for _ in $(seq 100); do
+        ACK[$rate,$consumer]=$(ack_quantiles)
+        [ "$(field "${ACK[$rate,$consumer]}" txns)" = "$txns" ] && break
+        sleep 0.1
+    done
+}
+declare -A LAT MEM ACK
+field() { echo "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k {print $2}'; }
+# With a streaming standby (PostgreSQL 17 and later): its physical slot in
+# synchronized_standby_slots, so the relay publishes nothing before the standby has it. The
+# relay waits for the standby's confirmations as walsenders do (a condition variable), and this
+# row is what that wait adds to commit → acknowledgement at 10,000 events/s.
+standby_latency() {
+    echo "==> latency at 10,000 events/s with a streaming standby in synchronized_standby_slots"
+    standby_dir=$DIR/standby
+    as_pg "$PG_BIN/pg_basebackup" -h "$DIR" -p "$PORT" -U postgres -D "$standby_dir" -R -C -S bench_standby -X stream -c fast
+    printf "port = %s\n" $((PORT + 1)) >> "$standby_dir/postgresql.conf"
+    as_pg "$PG_BIN/pg_ctl" -D "$standby_dir" -l "$DIR/standby.log" -w start >/dev/null
+    for _ in $(seq 300); do
+        [ "$(sql "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")" = 1 ] && break
+        sleep 0.1
+    done
+    set_conf synchronized_standby_slots bench_standby
+    latency 10000 latency5.sql 5 standby
+    sql "ALTER SYSTEM RESET synchronized_standby_slots" && sql "SELECT pg_reload_conf()" >/dev/null
+    as_pg "$PG_BIN/pg_ctl" -D "$standby_dir" -m fast -w stop >/dev/null
+    sql "SELECT pg_drop_replication_slot('bench_standby')" >/dev/null
+}
+
 sql "CREATE EXTENSION outbox_ext" && sql "$(cat "$DIR/schema.sql")"
 wait_state streaming
 idle_mem=$(anon_mb)
+
+# BENCH_ONLY=latency: commit → acknowledgement at 10,000 events/s, and with a streaming standby
+# on 17 and later (section 3's rows without a consumer), for quick iterations.
+if [ "$ONLY" = latency ]; then
+    set_conf wal_writer_delay 10ms
+    latency 10000 latency5.sql 5 no
+    [ "$PG" -lt 17 ] || standby_latency
+    for c in no standby; do
+        [ -n "${ACK[10000,$c]:-}" ] && echo "10000 events/s, ${c/no/no standby}: ${ACK[10000,$c]}"
+    done
+    exit 0
+fi
 
 # ---------------------------------------------------------------- 1. writer overhead
 # Two modes. "paused": the relay waits (unconfigured, with an event pending), so no WAL is
@@ -121,8 +199,24 @@ fi
 #   D  the decode floor: the same worker dropping each message unopened (bench_sink = drop).
 # N and D run in section 5, after the latency, since they need another build.
 # drain LABEL: emits the backlog with the relay unconfigured, then releases it and times the
-# delivery. Sets DRAIN_RATE, DRAIN_SECS, DRAIN_PEAK and DRAIN_WAL for LABEL.
-declare -A DRAIN_RATE DRAIN_SECS DRAIN_PEAK DRAIN_WAL
+# delivery. Sets DRAIN_RATE, DRAIN_SECS, DRAIN_PEAK, DRAIN_WAL and DRAIN_CPU for LABEL.
+declare -A DRAIN_RATE DRAIN_SECS DRAIN_PEAK DRAIN_WAL DRAIN_CPU
+# Where the CPU goes while a limit runs: a snapshot is "busy total relay broker" in clock ticks
+# (the machine's busy and all ticks from /proc/stat, the CPU time of the relay and of the
+# broker processes from /proc/PID/stat); cpu_since turns one into "busy=<cores busy>
+# relay=<µs per event> broker=<µs per event>" over EVENTS events.
+TICK=$(getconf CLK_TCK)
+proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+cpu_snapshot() { # relay-pid
+    echo "$(awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat) $(proc_ticks "$1") $(proc_ticks "$BROKER_PID")"
+}
+cpu_since() { # snapshot relay-pid events
+    local b0 t0 r0 k0 b1 t1 r1 k1
+    read -r b0 t0 r0 k0 <<<"$1"
+    read -r b1 t1 r1 k1 <<<"$(cpu_snapshot "$2")"
+    awk -v b="$((b1 - b0))" -v t="$((t1 - t0))" -v r="$((r1 - r0))" -v k="$((k1 - k0))" -v n="$3" -v hz="$TICK" -v cores="$(nproc)" \
+        'BEGIN {printf "busy=%.2f relay=%.2f broker=%.2f", cores * b / t, r / hz / n * 1e6, k / hz / n * 1e6}'
+}
 drain() {
     local label=$1 per_txn=50000 from lo hi half writers start
     set_conf outbox.bootstrap_servers ''
@@ -138,20 +232,33 @@ drain() {
         done
         wait "${writers[@]}"
     done
-    local emit_secs backlog_bytes delivered0 peak=0 d m t0
+    local emit_secs backlog_bytes delivered0 peak d t0
     emit_secs=$(echo "$(date +%s.%N) - $start" | bc -l)
     backlog_bytes=$(status pending_bytes)
     delivered0=$(status events_delivered)
     perf_start "$label"
+    local relay cpu0 key kb _ peak_kb=0
+    relay=$(status worker_pid)
+    # Every 50 ms until the backlog is delivered: the count from one psql session kept open and
+    # RssAnon read by bash itself, so that the bench takes next to no CPU from the drain.
+    coproc POLL { psql -X -A -t -q -U postgres -h "$DIR" -p "$PORT" -d postgres; }
+    cpu0=$(cpu_snapshot "$relay")
     set_conf outbox.bootstrap_servers "$BOOTSTRAP"
-    t0=$(date +%s.%N)
+    t0=$EPOCHREALTIME
     while :; do
-        d=$(( $(status events_delivered) - delivered0 ))
-        m=$(anon_mb); peak=$(echo "if ($m > $peak) $m else $peak" | bc -l)
-        [ "$d" -ge "$BACKLOG" ] && break
+        echo "SELECT events_delivered FROM outbox.status();" >&"${POLL[1]}"
+        read -r d <&"${POLL[0]}"
+        while read -r key kb _; do
+            [ "$key" = RssAnon: ] && { [ "$kb" -gt "$peak_kb" ] && peak_kb=$kb; break; }
+        done <"/proc/$relay/status"
+        [ $((d - delivered0)) -ge "$BACKLOG" ] && break
         sleep 0.05
     done
-    DRAIN_SECS[$label]=$(echo "$(date +%s.%N) - $t0" | bc -l)
+    DRAIN_SECS[$label]=$(echo "$EPOCHREALTIME - $t0" | bc -l)
+    DRAIN_CPU[$label]=$(cpu_since "$cpu0" "$relay" "$BACKLOG")
+    exec {POLL[1]}>&-
+    wait "$POLL_PID" || true
+    peak=$(echo "$peak_kb / 1024" | bc -l | xargs printf %.1f)
     perf_stop
     DRAIN_RATE[$label]=$(echo "$BACKLOG / ${DRAIN_SECS[$label]}" | bc -l)
     DRAIN_PEAK[$label]=$peak
@@ -163,7 +270,7 @@ drain() {
 PERF_PID=
 perf_start() {
     [ -n "${BENCH_PERF:-}" ] || return 0
-    perf record -q -e cpu-clock -F 2999 --call-graph dwarf,8192 -p "$(status worker_pid)" -o "$DIR/perf.$1.data" >/dev/null 2>&1 &
+    perf record -q -e ${BENCH_PERF_EVENT:-cpu-clock} -F 2999 --call-graph dwarf,8192 -p "$(status worker_pid)" -o "$DIR/perf.$1.data" >/dev/null 2>&1 &
     PERF_PID=$!
     for _ in $(seq 100); do [ -s "$DIR/perf.$1.data" ] && break; sleep 0.05; done # attached
 }
@@ -185,50 +292,16 @@ peak_drain=${DRAIN_PEAK[R]}
 payload_mb=$(sql "SELECT sum(length(jsonb_build_object('seq', i, 'pad', repeat('x', ${PAD:-170}))::text)) / 1e6 FROM generate_series(0, $BACKLOG - 1) i")
 drain_mbs=$(echo "$payload_mb / ${DRAIN_SECS[R]}" | bc -l)
 echo "==> producer ceiling K: R's records produced again by outbox-producer-limit"
-K_LINE=$("$BIN/outbox-producer-limit" "$BOOTSTRAP" outbox.event.bench 3 "$BACKLOG")
+cpu0=$(cpu_snapshot "$(status worker_pid)")
+K_LINE=$("$BIN/outbox-producer-limit" "$BOOTSTRAP" outbox.event.bench 3 "$BACKLOG" "${BENCH_KAFKA_PROPERTIES:-}")
+# The producer's own CPU is in its line; the relay idles meanwhile.
+DRAIN_CPU[K]=$(cpu_since "$cpu0" "$(status worker_pid)" "$BACKLOG" | sed "s/relay=[^ ]*/producer=$(echo "$K_LINE" | tr ' ' '\n' | awk -F= '$1 == "cpu_us_per_event" {print $2}')/")
 echo "    K: $K_LINE"
 DRAIN_RATE[K]=$(echo "$K_LINE" | tr ' ' '\n' | awk -F= '$1 == "rate" {print $2}')
 DRAIN_SECS[K]=$(echo "$K_LINE" | tr ' ' '\n' | awk -F= '$1 == "seconds" {print $2}')
 
 if [ -z "$ONLY" ]; then
 # ---------------------------------------------------------------- 3. latency
-# Each load runs twice. Without a consumer: commit → acknowledgement from the relay's own
-# histogram, with only Postgres, the relay and the broker on the machine, as in production
-# where consumers run elsewhere. With the consumer (outbox-latency, which polls the broker
-# every millisecond on the same 2 cores): emit → receipt per event, and the relay's figure
-# again, to show what the consumer's CPU does to it.
-ack_quantiles() { # → "txns=… ack_p50_ms=… ack_p99_ms=… ack_p999_ms=…" since the ack0 snapshot
-    sql "WITH d AS (SELECT a.le_ms, a.transactions - b.transactions AS n FROM outbox.ack_latency() a JOIN ack0 b USING (le_ms)),
-             t AS (SELECT max(n) AS total FROM d)
-        SELECT 'txns=' || total || ' ack_p50_ms=' || (SELECT min(le_ms) FROM d WHERE n >= 0.5 * total)
-            || ' ack_p99_ms=' || (SELECT min(le_ms) FROM d WHERE n >= 0.99 * total)
-            || ' ack_p999_ms=' || (SELECT min(le_ms) FROM d WHERE n >= 0.999 * total) FROM t"
-}
-latency() { # rate script events-per-transaction consumer(yes|no)
-    local rate=$1 script=$2 per=$3 consumer=$4
-    local count=$((rate * 20)) out="$DIR/latency.out" lpid=
-    if [ "$consumer" = yes ]; then
-        "$BIN/outbox-latency" "$BOOTSTRAP" outbox.event.latency 3 "$count" 60 >"$out" &
-        lpid=$!
-        for _ in $(seq 100); do grep -q ready "$out" 2>/dev/null && break; sleep 0.1; done
-    fi
-    local mem_samples="$DIR/mem.$rate"; : >"$mem_samples"
-    ( for _ in $(seq 40); do anon_mb >>"$mem_samples"; echo >>"$mem_samples"; sleep 0.5; done ) &
-    local mpid=$!
-    sql "DROP TABLE IF EXISTS ack0; CREATE TABLE ack0 AS SELECT * FROM outbox.ack_latency()"
-    local txns
-    txns=$(pgb -c 4 -j 2 -T 20 -R $((rate / per)) -f "$DIR/$script" | awk '/transactions actually processed/ {print $NF}')
-    kill "$mpid" 2>/dev/null || true
-    if [ -n "$lpid" ]; then wait "$lpid"; LAT[$rate]=$(tail -1 "$out"); else MEM[$rate]=$(sort -n "$mem_samples" | tail -1); fi
-    # The histogram counts a transaction once all its events are acknowledged: wait for all.
-    for _ in $(seq 100); do
-        ACK[$rate,$consumer]=$(ack_quantiles)
-        [ "$(field "${ACK[$rate,$consumer]}" txns)" = "$txns" ] && break
-        sleep 0.1
-    done
-}
-declare -A LAT MEM ACK
-field() { echo "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k {print $2}'; }
 echo "==> latency at 2,000 and 10,000 events/s (20 s each, without and with a consumer)"
 set_conf synchronous_commit on
 set_conf wal_writer_delay 10ms
@@ -238,30 +311,16 @@ for consumer in no yes; do
 done
 streaming_mem=${MEM[10000]}
 
-# With a streaming standby (PostgreSQL 17 and later): its physical slot in
-# synchronized_standby_slots, so the relay publishes nothing before the standby has it. The
-# relay waits for the standby's confirmations as walsenders do (a condition variable), and this
-# row is what that wait adds to commit → acknowledgement at 10,000 events/s.
-if [ "$PG" -ge 17 ]; then
-    echo "==> latency at 10,000 events/s with a streaming standby in synchronized_standby_slots"
-    standby_dir=$DIR/standby
-    as_pg "$PG_BIN/pg_basebackup" -h "$DIR" -p "$PORT" -U postgres -D "$standby_dir" -R -C -S bench_standby -X stream -c fast
-    printf "port = %s\n" $((PORT + 1)) >> "$standby_dir/postgresql.conf"
-    as_pg "$PG_BIN/pg_ctl" -D "$standby_dir" -l "$DIR/standby.log" -w start >/dev/null
-    for _ in $(seq 300); do
-        [ "$(sql "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")" = 1 ] && break
-        sleep 0.1
-    done
-    set_conf synchronized_standby_slots bench_standby
-    latency 10000 latency5.sql 5 standby
-    sql "ALTER SYSTEM RESET synchronized_standby_slots" && sql "SELECT pg_reload_conf()" >/dev/null
-    as_pg "$PG_BIN/pg_ctl" -D "$standby_dir" -m fast -w stop >/dev/null
-    sql "SELECT pg_drop_replication_slot('bench_standby')" >/dev/null
-fi
+[ "$PG" -lt 17 ] || standby_latency
 fi
 
 # ---------------------------------------------------------------- 5. the drain's other limits
 # N and D: the same backlog and worker, built with feature bench_sinks. Restarts the server.
+if [ "$ONLY" = drain ]; then
+    printf "R %.0f events/s (%s), K %.0f events/s (%s): R ÷ K = %.2f; peak RssAnon of R %s MB\n" "${DRAIN_RATE[R]}" "${DRAIN_CPU[R]}" \
+        "${DRAIN_RATE[K]}" "${DRAIN_CPU[K]}" "$(echo "${DRAIN_RATE[R]} / ${DRAIN_RATE[K]}" | bc -l)" "${DRAIN_PEAK[R]}"
+    exit 0
+fi
 echo "==> relay ceiling N (bench_sink = instant) and decode floor D (bench_sink = drop)"
 restart_with bench_sinks
 set_conf outbox.bench_sink instant
@@ -312,10 +371,12 @@ echo "## Limits: the drain against what bounds it (one backlog shape, one run)"
 echo
 echo "$BACKLOG events (%s MB of payload) per run, in transactions of 50,000 emitted by $DRAIN_WRITERS session(s) at a time with the relay unconfigured, then released; R, N and D time the relay from release to the last acknowledgement it counted, K times a standalone producer from its first record to its last acknowledgement." | sed "s/%s/$(printf %.0f "$payload_mb")/"
 echo
-echo "| figure | what runs | events/s | seconds | WAL backlog | peak RssAnon |"
-echo "|---|---|---|---|---|---|"
+echo "| figure | what runs | events/s | seconds | WAL backlog | peak RssAnon | cores busy (of $(nproc)) | CPU µs per event: relay (K: producer) | broker |"
+echo "|---|---|---|---|---|---|---|---|---|"
 limit_row() { # label what
-    printf "| %s | %s | %.0f | %.2f | %s | %s |\n" "$1" "$2" "${DRAIN_RATE[$1]}" "${DRAIN_SECS[$1]}" "${DRAIN_WAL[$1]:-—}" "${DRAIN_PEAK[$1]:+${DRAIN_PEAK[$1]} MB}"
+    local c=${DRAIN_CPU[$1]}
+    printf "| %s | %s | %.0f | %.2f | %s | %s | %s | %s | %s |\n" "$1" "$2" "${DRAIN_RATE[$1]}" "${DRAIN_SECS[$1]}" "${DRAIN_WAL[$1]:-—}" "${DRAIN_PEAK[$1]:+${DRAIN_PEAK[$1]} MB}" \
+        "$(field "$c" busy)" "$(field "$c" relay)$(field "$c" producer)" "$(field "$c" broker)"
 }
 limit_row D "decode floor: the worker decodes and drops each message unopened"
 limit_row N "relay ceiling: decode, open, route, track; each record acknowledged at once"

@@ -2,13 +2,14 @@
 //! the relay produced to TOPIC (all that the broker still holds: the dev broker keeps the newest
 //! 100,000 or 5 MB per partition), then produces COUNT records cycling through them, each
 //! unchanged (topic, partition, key, value, headers, timestamp), to the same broker with the relay's
-//! producer settings (`outbox_core::kafka_settings::producer_config`, no user properties, the
-//! default `outbox.max_record_bytes`), timed from the first hand-over to the last
+//! producer settings (`outbox_core::kafka_settings::producer_config` with KAFKA_PROPERTIES as
+//! `outbox.kafka_properties`, none by default, and the default `outbox.max_record_bytes`), timed from the first hand-over to the last
 //! acknowledgement. The relay's own work (decoding, opening, routing, tracking) is absent: what
 //! is left is librdkafka and the broker.
 //!
-//! Usage: outbox-producer-limit BOOTSTRAP TOPIC PARTITIONS COUNT
-//! Prints `events=N seconds=S rate=R failed=F` on one line.
+//! Usage: outbox-producer-limit BOOTSTRAP TOPIC PARTITIONS COUNT [KAFKA_PROPERTIES]
+//! Prints `events=N distinct=D seconds=S rate=R failed=F cpu_us_per_event=C` on one line: C is
+//! the process's CPU time (all its threads, librdkafka's included) over the same span, per event.
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -89,8 +90,8 @@ fn read_records(bootstrap: &str, topic: &str, partitions: i32) -> Vec<Record> {
 
 fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    if a.len() != 4 {
-        eprintln!("usage: outbox-producer-limit BOOTSTRAP TOPIC PARTITIONS COUNT");
+    if !(4..=5).contains(&a.len()) {
+        eprintln!("usage: outbox-producer-limit BOOTSTRAP TOPIC PARTITIONS COUNT [KAFKA_PROPERTIES]");
         std::process::exit(2);
     }
     let (bootstrap, topic) = (&a[0], &a[1]);
@@ -98,9 +99,10 @@ fn main() {
     let count: usize = a[3].parse().expect("COUNT");
     let records = read_records(bootstrap, topic, partitions);
 
-    // The relay's producer settings: defaults, no outbox.kafka_properties, the default
-    // outbox.max_record_bytes (1,000,000).
-    let config = outbox_core::kafka_settings::producer_config(bootstrap, "", 1_000_000).expect("settings");
+    // The relay's producer settings: defaults, KAFKA_PROPERTIES as outbox.kafka_properties
+    // (none by default), the default outbox.max_record_bytes (1,000,000).
+    let properties = a.get(4).map_or("", String::as_str);
+    let config = outbox_core::kafka_settings::producer_config(bootstrap, properties, 1_000_000).expect("settings");
     let mut cc = ClientConfig::new();
     for (k, v) in &config {
         cc.set(k, v);
@@ -108,6 +110,7 @@ fn main() {
     let producer: BaseProducer<Counts> = cc.create_with_context(Counts::default()).expect("producer");
 
     let started = Instant::now();
+    let cpu_started = cpu_seconds();
     for r in records.iter().cycle().take(count) {
         let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
         for (k, v) in &r.headers {
@@ -144,10 +147,24 @@ fn main() {
         assert!(started.elapsed() < Duration::from_secs(600), "acknowledgements stopped");
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_started;
     println!(
-        "events={total} distinct={} seconds={seconds:.3} rate={:.0} failed={}",
+        "events={total} distinct={} seconds={seconds:.3} rate={:.0} failed={} cpu_us_per_event={:.2}",
         records.len(),
         total as f64 / seconds,
-        producer.context().failed.load(Ordering::Relaxed)
+        producer.context().failed.load(Ordering::Relaxed),
+        cpu / total as f64 * 1e6
     );
+}
+
+/// CPU time of this process so far (user and system, all threads), from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // The fields after the command name (in parentheses, which may hold spaces): utime and
+    // stime are the 14th and 15th fields of the line, the 12th and 13th after it.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+    // In USER_HZ, which is 100 on Linux (`getconf CLK_TCK`).
+    ticks / 100.0
 }

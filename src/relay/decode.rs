@@ -275,6 +275,15 @@ impl EventRouter {
         self.producer.hand_over();
         while let Ok(report) = self.producer.reports().try_recv() {
             match report {
+                Report::Acknowledged { seqs } => {
+                    self.last_ack = Instant::now();
+                    self.broker_trouble = false;
+                    for &seq in &seqs {
+                        let p = self.tracker.delivered(seq, true);
+                        self.record(p);
+                    }
+                    self.producer.reuse(seqs);
+                }
                 Report::Delivery { seq, dead_letter, error: None } => {
                     self.last_ack = Instant::now();
                     self.broker_trouble = false;

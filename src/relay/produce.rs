@@ -7,7 +7,9 @@
 //! the producing thread turns them into librdkafka records. Only the producing thread polls
 //! librdkafka: delivery reports come back through `BaseProducer::poll` there and are passed on
 //! over a crossbeam channel to the main thread, the only one that touches the tracker or
-//! Postgres. The producing thread runs no Postgres code and reads no setting.
+//! Postgres: the acknowledgements of one poll together, in a vector that the main thread gives
+//! back for reuse, so that no memory goes from one thread to the other with each report. The
+//! producing thread runs no Postgres code and reads no setting.
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use outbox_core::dead_letter::{Record, RecordValue, Refusal};
@@ -18,16 +20,20 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig};
 use rdkafka::{ClientContext, Message};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// What librdkafka tells the relay.
 #[derive(Debug)]
 pub enum Report {
+    /// The records registered under `seqs` were acknowledged, in the order librdkafka reported
+    /// them. Give the vector back with [`KafkaProducer::reuse`].
+    Acknowledged { seqs: Vec<TxnSeq> },
     /// The record registered under `seq` was acknowledged (`error` is None) or failed.
     /// `dead_letter`: it was the dead-letter copy of a refused record (see [`KafkaProducer::send`]).
-    /// Boxed: a poll can queue tens of thousands of reports, nearly all without an error.
+    /// Acknowledgements of events' records come as [`Report::Acknowledged`] instead.
+    /// Boxed: a poll can queue thousands of reports.
     Delivery { seq: TxnSeq, dead_letter: bool, error: Option<Box<Failure>> },
     /// A client-level error (all brokers down, authentication, fatal idempotence error).
     Client { message: String },
@@ -38,6 +44,9 @@ pub enum Report {
 
 struct RelayContext {
     reports: Sender<Report>,
+    /// Events' records acknowledged since the producing thread last passed them on
+    /// ([`Feeder::pass_on_acknowledgements`]). Only the producing thread locks it.
+    acknowledged: Mutex<Vec<TxnSeq>>,
     /// Callbacks served so far: how [`serve`] tells whether a poll served any.
     served: AtomicU64,
     /// Values of secret-looking properties, cut out of every message before it is reported.
@@ -93,6 +102,10 @@ impl ProducerContext for RelayContext {
         self.served.fetch_add(1, Ordering::Relaxed);
         let (seq, dead_letter, binary) = unpack_opaque(opaque);
         let error = match result {
+            Ok(_) if !dead_letter => {
+                self.acknowledged.lock().unwrap_or_else(|e| e.into_inner()).push(seq);
+                return;
+            }
             Ok(_) => None,
             Err((e, m)) => {
                 let mut failure = Failure::of(&event_id(m).unwrap_or_else(|| "?".into()), m.topic(), e);
@@ -229,6 +242,8 @@ const SERVE_IN_FLIGHT: Duration = Duration::from_millis(1);
 const SERVE_IDLE: Duration = Duration::from_millis(100);
 /// The producing thread's nap while librdkafka's queue is full.
 const QUEUE_FULL_NAP: Duration = Duration::from_micros(200);
+/// Vectors of acknowledgements given back for reuse, at most (more are freed).
+const ACK_VECTORS_KEPT: usize = 8;
 
 /// Routed records on their way to the producing thread: every byte of them (keys, values,
 /// header names and values) in one buffer, so that a batch costs a few allocations, not a few
@@ -329,6 +344,8 @@ impl Batch {
 pub struct KafkaProducer {
     producer: Arc<BaseProducer<RelayContext>>,
     reports: Receiver<Report>,
+    /// Emptied vectors of [`Report::Acknowledged`], back to the producing thread.
+    reused: Sender<Vec<TxnSeq>>,
     /// The main thread's own way into `reports` (for records it drops before handing them over).
     own_reports: Sender<Report>,
     /// The batch being filled on the main thread.
@@ -356,7 +373,12 @@ impl KafkaProducer {
         for (k, v) in config {
             cc.set(k, v);
         }
-        let context = RelayContext { reports: tx.clone(), served: AtomicU64::new(0), secrets: secrets.clone() };
+        let context = RelayContext {
+            reports: tx.clone(),
+            acknowledged: Mutex::new(Vec::new()),
+            served: AtomicU64::new(0),
+            secrets: secrets.clone(),
+        };
         let producer = cc.create_with_context(context).map_err(|e| match e {
             KafkaError::ClientConfig(_, _, key, _) => ProducerError::InvalidProperty { key },
             other => ProducerError::Other(redact(
@@ -368,10 +390,12 @@ impl KafkaProducer {
         let (to_thread, batches) = crossbeam_channel::bounded(BATCHES_IN_FLIGHT);
         let (give_back, emptied) = crossbeam_channel::bounded(BATCHES_IN_FLIGHT + 1);
         let purged = Arc::new(AtomicBool::new(false));
+        let (reused, to_reuse) = crossbeam_channel::bounded(ACK_VECTORS_KEPT);
         let feeder = Feeder {
             producer: Arc::clone(&producer),
             purged: Arc::clone(&purged),
             instant_ack: cfg!(feature = "bench_sinks") && instant_ack,
+            to_reuse,
         };
         let thread = std::thread::Builder::new()
             .name("outbox producing".into())
@@ -380,6 +404,7 @@ impl KafkaProducer {
         Ok(KafkaProducer {
             producer,
             reports: rx,
+            reused,
             own_reports: tx,
             batch: Batch::default(),
             to_thread: Some(to_thread),
@@ -481,6 +506,13 @@ impl KafkaProducer {
         &self.reports
     }
 
+    /// Gives the vector of a [`Report::Acknowledged`] back to the producing thread, which fills
+    /// it again: its memory stays with the thread that allocated it.
+    pub fn reuse(&self, mut seqs: Vec<TxnSeq>) {
+        seqs.clear();
+        let _ = self.reused.try_send(seqs);
+    }
+
     /// Fails everything queued or in flight; the reports arrive with the next polls. Records
     /// not yet handed to librdkafka are dropped and reported as such.
     pub fn purge(&mut self) {
@@ -523,6 +555,8 @@ struct Feeder {
     producer: Arc<BaseProducer<RelayContext>>,
     purged: Arc<AtomicBool>,
     instant_ack: bool,
+    /// Vectors the main thread gave back ([`KafkaProducer::reuse`]).
+    to_reuse: Receiver<Vec<TxnSeq>>,
 }
 
 impl Feeder {
@@ -545,8 +579,26 @@ impl Feeder {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-            serve(&self.producer);
+            self.serve();
         }
+    }
+
+    /// Serves librdkafka's callbacks, then passes the acknowledgements on.
+    fn serve(&self) {
+        serve(&self.producer);
+        self.pass_on_acknowledgements();
+    }
+
+    /// Sends the acknowledgements gathered so far to the main thread in one report.
+    fn pass_on_acknowledgements(&self) {
+        let mut acknowledged = self.producer.context().acknowledged.lock().unwrap_or_else(|e| e.into_inner());
+        if acknowledged.is_empty() {
+            return;
+        }
+        let next = self.to_reuse.try_recv().unwrap_or_else(|_| Vec::with_capacity(acknowledged.capacity()));
+        let seqs = std::mem::replace(&mut *acknowledged, next);
+        drop(acknowledged);
+        self.report(Report::Acknowledged { seqs });
     }
 
     fn report(&self, report: Report) {
@@ -562,7 +614,7 @@ impl Feeder {
         }
         if self.instant_ack {
             // The bench's ceiling N: everything up to here, and an acknowledgement at once.
-            self.report(Report::Delivery { seq: r.seq, dead_letter: false, error: None });
+            self.producer.context().acknowledged.lock().unwrap_or_else(|e| e.into_inner()).push(r.seq);
             return;
         }
         let mut record: BaseRecord<'_, [u8], [u8], usize> =
@@ -586,7 +638,7 @@ impl Feeder {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     // librdkafka's queue is full: serve reports (they free room) and try again.
                     record = back;
-                    serve(&self.producer);
+                    self.serve();
                     std::thread::sleep(QUEUE_FULL_NAP);
                 }
                 Err((e, _)) => {

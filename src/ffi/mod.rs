@@ -9,13 +9,16 @@
 //! * `shmem.rs`       the relay's state in shared memory
 //! * `server.rs`      globals, the clock, configuration, process exit, the bgworker entry point,
 //!   and the log filter that hides secrets
+//! * `kafka.rs`       librdkafka's produce call by topic handle, for the producing thread (the
+//!   one C API here that is not PostgreSQL's)
 //!
 //! Every function outside this module is safe to call; each `unsafe` block says why it is
-//! sound. All of them must run on a Postgres backend's (or the worker's) main thread, as every
-//! Postgres call must.
+//! sound. All of them but `kafka.rs`'s must run on a Postgres backend's (or the worker's) main
+//! thread, as every Postgres call must; `kafka.rs` calls librdkafka only.
 
 mod compat;
 pub mod decoding;
+pub mod kafka;
 pub mod server;
 pub mod shmem;
 pub mod slot;

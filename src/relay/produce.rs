@@ -19,6 +19,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig};
 use rdkafka::{ClientContext, Message};
+use crate::ffi::kafka::{self, TopicHandle};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -315,6 +317,7 @@ impl Batch {
         &self.bytes[start..self.ends[i]]
     }
 
+    #[cfg(test)]
     fn text(&self, i: usize) -> &str {
         // Written from &str by `push`.
         std::str::from_utf8(self.get(i)).unwrap_or_default()
@@ -550,6 +553,33 @@ fn serve(producer: &BaseProducer<RelayContext>) {
     }
 }
 
+/// The librdkafka handle of each topic the producing thread has produced to.
+#[derive(Default)]
+struct TopicHandles<'p> {
+    /// None: a name librdkafka cannot take (it holds a NUL).
+    handles: Vec<(Arc<str>, Option<TopicHandle<'p>>)>,
+    index: HashMap<Arc<str>, usize>,
+    /// The one used last: consecutive records mostly share a topic, and the router hands out
+    /// one `Arc` per topic, so a pointer comparison finds it without hashing the name.
+    last: usize,
+}
+
+impl<'p> TopicHandles<'p> {
+    fn of(&mut self, producer: &'p BaseProducer<RelayContext>, topic: &Arc<str>) -> Option<&TopicHandle<'p>> {
+        if !self.handles.get(self.last).is_some_and(|(t, _)| Arc::ptr_eq(t, topic)) {
+            self.last = match self.index.get(topic) {
+                Some(&at) => at,
+                None => {
+                    self.handles.push((Arc::clone(topic), TopicHandle::new(producer, topic)));
+                    self.index.insert(Arc::clone(topic), self.handles.len() - 1);
+                    self.handles.len() - 1
+                }
+            };
+        }
+        self.handles[self.last].1.as_ref()
+    }
+}
+
 /// The producing thread: turns batches into librdkafka records, in order.
 struct Feeder {
     producer: Arc<BaseProducer<RelayContext>>,
@@ -566,12 +596,16 @@ impl Feeder {
     /// reports is freed where it was allocated, without the main thread waiting for
     /// librdkafka's threads on malloc's locks (which left it idle 40% of a drain).
     fn run(self, batches: Receiver<Batch>, give_back: Sender<Batch>) {
+        let producer = Arc::clone(&self.producer);
+        // Each topic's librdkafka handle, made at its first record (dropped before the producer).
+        let mut topics = TopicHandles::default();
         loop {
             let wait = if self.producer.in_flight_count() > 0 { SERVE_IN_FLIGHT } else { SERVE_IDLE };
             match batches.recv_timeout(wait) {
                 Ok(mut batch) => {
                     for i in 0..batch.records.len() {
-                        self.produce(&batch, i);
+                        let topic = topics.of(&producer, &batch.records[i].topic);
+                        self.produce(&batch, i, topic);
                     }
                     batch.clear();
                     let _ = give_back.try_send(batch);
@@ -605,66 +639,57 @@ impl Feeder {
         let _ = self.producer.context().reports.send(report);
     }
 
-    fn produce(&self, batch: &Batch, i: usize) {
+    /// Hands record `i` of `batch` to librdkafka (`topic`: its topic's handle, None if the
+    /// name cannot be one), waiting while librdkafka's queue is full.
+    fn produce(&self, batch: &Batch, i: usize, topic: Option<&TopicHandle<'_>>) {
         let r = &batch.records[i];
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers);
-        for h in 0..r.headers {
-            let name = batch.text(r.first + 2 + 2 * h);
-            headers = headers.insert(Header { key: name, value: Some(batch.get(r.first + 3 + 2 * h)) });
-        }
+        let header = |h: usize| (batch.get(r.first + 2 + 2 * h), batch.get(r.first + 3 + 2 * h));
         if self.instant_ack {
             // The bench's ceiling N: everything up to here, and an acknowledgement at once.
             self.producer.context().acknowledged.lock().unwrap_or_else(|e| e.into_inner()).push(r.seq);
             return;
         }
-        let mut record: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(&r.topic, pack_opaque(r.seq, false, r.binary))
-                .key(batch.get(r.first))
-                .timestamp(r.timestamp_ms)
-                .headers(headers);
-        if let Some(p) = r.partition {
-            record = record.partition(p);
-        }
-        if !r.tombstone {
-            record = record.payload(batch.get(r.first + 1));
-        }
-        loop {
+        let error = loop {
             if self.purged.load(Ordering::Relaxed) {
                 self.report(Report::Discarded { seq: r.seq });
                 return;
             }
-            match self.producer.send(record) {
+            let Some(topic) = topic else { break RDKafkaErrorCode::InvalidTopic };
+            let record = kafka::Record {
+                partition: r.partition,
+                key: batch.get(r.first),
+                value: (!r.tombstone).then(|| batch.get(r.first + 1)),
+                headers: (0..r.headers).map(header),
+                timestamp_ms: r.timestamp_ms,
+                opaque: pack_opaque(r.seq, false, r.binary),
+            };
+            match kafka::produce(&self.producer, topic, record) {
                 Ok(()) => return,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                Err(RDKafkaErrorCode::QueueFull) => {
                     // librdkafka's queue is full: serve reports (they free room) and try again.
-                    record = back;
                     self.serve();
                     std::thread::sleep(QUEUE_FULL_NAP);
                 }
-                Err((e, _)) => {
-                    // Refused before it left: too large for message.max.bytes, a topic known not
-                    // to exist, or a producer in a fatal state. Reported like a failed delivery.
-                    let id = (0..r.headers)
-                        .find(|h| outbox_core::routing::is_id_header(batch.text(r.first + 2 + 2 * h)))
-                        .map_or("?", |h| batch.text(r.first + 3 + 2 * h));
-                    let mut failure = Failure::of(id, &r.topic, &e);
-                    failure.message = self.producer.context().redact(&failure.message);
-                    if failure.permanent {
-                        failure.record = Some(Record {
-                            topic: r.topic.to_string(),
-                            key: batch.text(r.first).to_string(),
-                            value: RecordValue::from_kafka((!r.tombstone).then(|| batch.get(r.first + 1)), r.binary),
-                            headers: (0..r.headers)
-                                .map(|h| (batch.text(r.first + 2 + 2 * h).to_string(), batch.text(r.first + 3 + 2 * h).to_string()))
-                                .collect(),
-                            timestamp_ms: r.timestamp_ms,
-                        });
-                    }
-                    self.report(Report::Delivery { seq: r.seq, dead_letter: false, error: Some(Box::new(failure)) });
-                    return;
-                }
+                Err(e) => break e,
             }
+        };
+        // Refused before it left: too large for message.max.bytes, a topic known not to exist,
+        // or a producer in a fatal state. Reported like a failed delivery.
+        let text = |piece: &[u8]| String::from_utf8_lossy(piece).into_owned();
+        let headers: Vec<(String, String)> = (0..r.headers).map(header).map(|(k, v)| (text(k), text(v))).collect();
+        let id = headers.iter().find(|(k, _)| outbox_core::routing::is_id_header(k)).map_or("?", |(_, v)| v.as_str());
+        let mut failure = Failure::of(id, &r.topic, &KafkaError::MessageProduction(error));
+        failure.message = self.producer.context().redact(&failure.message);
+        if failure.permanent {
+            failure.record = Some(Record {
+                topic: r.topic.to_string(),
+                key: text(batch.get(r.first)),
+                value: RecordValue::from_kafka((!r.tombstone).then(|| batch.get(r.first + 1)), r.binary),
+                headers,
+                timestamp_ms: r.timestamp_ms,
+            });
         }
+        self.report(Report::Delivery { seq: r.seq, dead_letter: false, error: Some(Box::new(failure)) });
     }
 }
 

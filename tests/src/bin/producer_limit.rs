@@ -13,11 +13,18 @@
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// The relay's own produce call (by topic handle, header names as bytes): K produces as the
+/// relay's producing thread does.
+#[path = "../../../src/ffi/kafka.rs"]
+#[allow(dead_code)]
+mod kafka;
 
 struct Record {
     partition: i32,
@@ -36,8 +43,8 @@ struct Counts {
 impl ClientContext for Counts {}
 
 impl ProducerContext for Counts {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    type DeliveryOpaque = usize;
+    fn delivery(&self, result: &DeliveryResult<'_>, _: usize) {
         match result {
             Ok(_) => self.acked.fetch_add(1, Ordering::Relaxed),
             Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
@@ -111,31 +118,25 @@ fn main() {
 
     let started = Instant::now();
     let cpu_started = cpu_seconds();
+    let handle = kafka::TopicHandle::new(&producer, topic).expect("topic");
     for r in records.iter().cycle().take(count) {
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
-        for (k, v) in &r.headers {
-            headers = headers.insert(Header { key: k, value: Some(v) });
-        }
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).partition(r.partition).headers(headers);
-        if let Some(key) = &r.key {
-            record = record.key(key);
-        }
-        if let Some(value) = &r.value {
-            record = record.payload(value);
-        }
-        if let Some(ts) = r.timestamp_ms {
-            record = record.timestamp(ts);
-        }
-        let mut record = record;
         loop {
-            match producer.send(record) {
+            let record = kafka::Record {
+                partition: Some(r.partition),
+                key: r.key.as_deref().unwrap_or_default(),
+                value: r.value.as_deref(),
+                headers: r.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())),
+                timestamp_ms: r.timestamp_ms.unwrap_or(0),
+                opaque: 0,
+            };
+            match kafka::produce(&producer, &handle, record) {
                 Ok(()) => break,
-                Err((_, back)) => {
+                Err(RDKafkaErrorCode::QueueFull) => {
                     // Queue full (the relay's bound): serve delivery reports, then try again.
-                    record = back;
                     producer.poll(Duration::ZERO);
                     std::thread::sleep(Duration::from_micros(200));
                 }
+                Err(e) => panic!("produce: {e}"),
             }
         }
         producer.poll(Duration::ZERO);

@@ -65,6 +65,7 @@ pub fn relay_main(database_oid: u32) {
     // notices at its next look at pg_database.
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database_oid)), None);
     ffi::allow_own_output_plugin();
+    ffi::kafka::without_fastbins();
     let database = BackgroundWorker::transaction(ffi::my_database_name);
     ffi::set_log_context(&format!("outbox_ext relay of database \"{database}\""));
     let mut status = match StatusWriter::attach(ffi::my_pid(), database_oid, &database) {

@@ -105,6 +105,8 @@ fn main() {
     let partitions: i32 = a[2].parse().expect("PARTITIONS");
     let count: usize = a[3].parse().expect("COUNT");
     let records = read_records(bootstrap, topic, partitions);
+    // As the relay's process does (src/ffi/kafka.rs).
+    kafka::without_fastbins();
 
     // The relay's producer settings: defaults, KAFKA_PROPERTIES as outbox.kafka_properties
     // (none by default), the default outbox.max_record_bytes (1,000,000).

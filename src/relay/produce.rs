@@ -745,6 +745,32 @@ mod tests {
     }
 
     #[test]
+    fn each_topic_gets_one_handle_found_by_pointer_or_name() {
+        let producer: BaseProducer<RelayContext> = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .create_with_context(RelayContext {
+                reports: crossbeam_channel::unbounded().0,
+                acknowledged: Mutex::new(Vec::new()),
+                served: AtomicU64::new(0),
+                secrets: Vec::new(),
+            })
+            .expect("producer");
+        let (a, b): (Arc<str>, Arc<str>) = ("outbox.event.a".into(), "outbox.event.b".into());
+        let mut topics = TopicHandles::default();
+        for topic in [&a, &b, &a, &a, &b] {
+            assert!(topics.of(&producer, topic).is_some());
+            assert!(Arc::ptr_eq(&topics.handles[topics.last].0, topic));
+        }
+        // The same name under another Arc (the router's map was cleared): the same handle.
+        let a_again: Arc<str> = "outbox.event.a".into();
+        assert!(topics.of(&producer, &a_again).is_some());
+        assert_eq!((topics.handles.len(), &*topics.handles[topics.last].0), (2, "outbox.event.a"));
+        // A name librdkafka cannot take: no handle, and the record is refused as an invalid topic.
+        assert!(topics.of(&producer, &"bad\0name".into()).is_none());
+        assert_eq!(topics.handles.len(), 3);
+    }
+
+    #[test]
     fn reports_stay_small() {
         assert!(std::mem::size_of::<Report>() <= 32, "{}", std::mem::size_of::<Report>());
     }

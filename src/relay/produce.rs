@@ -239,9 +239,10 @@ const BATCH_BYTES: usize = 1 << 20;
 /// behind them, what the relay holds stays bounded (about 1,000 records or 4 MB more).
 const BATCHES_IN_FLIGHT: usize = 4;
 /// How often the producing thread serves librdkafka's callbacks while records are in flight,
-/// and when nothing is (client errors such as all brokers down).
+/// and when nothing is (client errors such as all brokers down; as often as an idle relay's
+/// main loop looks at them, so that idle relays cost next to nothing).
 const SERVE_IN_FLIGHT: Duration = Duration::from_millis(1);
-const SERVE_IDLE: Duration = Duration::from_millis(100);
+const SERVE_IDLE: Duration = Duration::from_secs(1);
 /// The producing thread's nap while librdkafka's queue is full.
 const QUEUE_FULL_NAP: Duration = Duration::from_micros(200);
 /// Vectors of acknowledgements given back for reuse, at most (more are freed).

@@ -1,6 +1,20 @@
 # Shared by the scripts: where builds go, which PostgreSQL (PG=15|16|17|18, see postgres.sh),
 # and how to run things as the cluster owner.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/outbox_ext/target}"
+
+# Checkouts that share CARGO_TARGET_DIR (a worktree for an A/B, CI's fresh clone) write the
+# extension's library to the same file, since a cdylib's name carries no hash, and cargo does
+# not rebuild a checkout it thinks fresh: installing would copy the other checkout's build.
+# When the last script ran from another checkout, this one's sources are made newer first.
+claim_target_dir() {
+    local here stamp="$CARGO_TARGET_DIR/.outbox-checkout"
+    here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$here" ]; then
+        find "$here/src" "$here/core/src" "$here/tests/src" -name '*.rs' -exec touch {} +
+        mkdir -p "$CARGO_TARGET_DIR" && echo "$here" >"$stamp"
+    fi
+}
+claim_target_dir
 . "$(dirname "${BASH_SOURCE[0]}")/postgres.sh"
 use_pg "${PG:-15}"
 
